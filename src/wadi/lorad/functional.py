@@ -1,0 +1,224 @@
+"""The math of LoRaD as pure functions (see shared method.md section 2).
+
+A frozen weight ``W`` of shape ``(out, in)`` is read as ``in // 2`` pairs of
+adjacent columns per row.  Each pair ``(w0, w1)`` is rotated in its plane by
+an angle ``theta[row, pair]``::
+
+    w0' = w0 * cos(theta) - w1 * sin(theta)
+    w1' = w0 * sin(theta) + w1 * cos(theta)
+
+Every pair keeps its length, so every row keeps its norm: only the direction
+of each output neuron's weight vector changes.  The angles are low rank,
+``theta = A @ B``.  With an odd ``in`` the last column is left as it is.
+
+Convolution weights ``(out, in/groups, kh, kw)`` use the same rule on their
+per-output-channel flattened view ``(out, in/groups * kh * kw)``.
+
+The functions here hold no state; the layers in :mod:`wadi.lorad.layer` and
+the training code call them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "angles",
+    "rotate_pairs",
+    "rotate_pairs_grad_theta",
+    "num_pairs",
+    "LoRaDLinearFunction",
+    "LoRaDConv2dFunction",
+]
+
+
+def num_pairs(fan_in: int) -> int:
+    """Number of rotated column pairs for ``fan_in`` input columns."""
+    return fan_in // 2
+
+
+def angles(lorad_A: torch.Tensor, lorad_B: torch.Tensor) -> torch.Tensor:
+    """Rotation angles ``A @ B``, computed in at least float32.
+
+    The reference wraps angles to ``[-pi, pi)``; rotation is 2*pi periodic so
+    that changes no value and is not done here.
+    """
+    dtype = torch.promote_types(torch.promote_types(lorad_A.dtype, lorad_B.dtype), torch.float32)
+    return lorad_A.to(dtype) @ lorad_B.to(dtype)
+
+
+def _compute_dtype(weight: torch.Tensor, theta: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(weight.dtype, theta.dtype), torch.float32)
+
+
+def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent column pairs of ``weight`` (``out x in``) by ``theta``.
+
+    ``theta`` has shape ``(out, in // 2)``.  The rotation runs in float32 (or
+    float64 if either input is float64) and the result is cast back to
+    ``weight.dtype``.  A weight with more than two dimensions (a conv kernel)
+    is rotated on its per-output flattened view and returned in its own shape.
+    """
+    shape = weight.shape
+    w2d = weight.reshape(shape[0], -1)
+    out_features, fan_in = w2d.shape
+    pairs = num_pairs(fan_in)
+    if theta.shape != (out_features, pairs):
+        raise ValueError(
+            f"theta has shape {tuple(theta.shape)} but a weight of shape {tuple(shape)} "
+            f"needs ({out_features}, {pairs})"
+        )
+    dtype = _compute_dtype(weight, theta)
+    w = w2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
+    w0, w1 = w.unbind(-1)
+    theta = theta.to(dtype)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rotated = torch.stack((w0 * cos - w1 * sin, w0 * sin + w1 * cos), dim=-1)
+    rotated = rotated.reshape(out_features, 2 * pairs).to(weight.dtype)
+    if fan_in % 2:
+        rotated = torch.cat((rotated, w2d[:, -1:]), dim=1)
+    return rotated.reshape(shape)
+
+
+def rotate_pairs_grad_theta(rotated: torch.Tensor, grad_rotated: torch.Tensor) -> torch.Tensor:
+    """Gradient of a loss with respect to ``theta`` given the rotated weight.
+
+    For ``r0 = w0 cos - w1 sin`` and ``r1 = w0 sin + w1 cos`` the derivatives
+    are ``dr0/dtheta = -r1`` and ``dr1/dtheta = r0``, so
+    ``dL/dtheta = r0 * dL/dr1 - r1 * dL/dr0``.  Only the rotated weight is
+    needed, not the base weight, cos or sin.  Result in float32 or float64.
+    """
+    out_features = rotated.shape[0]
+    r2d = rotated.reshape(out_features, -1)
+    g2d = grad_rotated.reshape(out_features, -1)
+    pairs = num_pairs(r2d.shape[1])
+    dtype = torch.promote_types(
+        torch.promote_types(rotated.dtype, grad_rotated.dtype), torch.float32
+    )
+    r = r2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
+    g = g2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
+    return r[..., 0] * g[..., 1] - r[..., 1] * g[..., 0]
+
+
+def _weight_grads(ctx, rotated, grad_rotated, weight, lorad_A, lorad_B):
+    """Gradients of the base weight (if it is trained) and of ``A``, ``B``.
+
+    ``dL/dW`` is ``dL/dW'`` rotated back by ``-theta``; ``dL/dtheta`` comes from
+    :func:`rotate_pairs_grad_theta` and is chained through ``theta = A @ B``.
+    """
+    grad_w = grad_A = grad_B = None
+    if ctx.needs_input_grad[1]:
+        theta = angles(lorad_A, lorad_B)
+        grad_w = rotate_pairs(grad_rotated.reshape(weight.shape).to(theta.dtype), -theta).to(
+            weight.dtype
+        )
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        grad_theta = rotate_pairs_grad_theta(rotated, grad_rotated)
+        if ctx.needs_input_grad[3]:
+            grad_A = (grad_theta @ lorad_B.to(grad_theta.dtype).T).to(lorad_A.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_B = (lorad_A.to(grad_theta.dtype).T @ grad_theta).to(lorad_B.dtype)
+    return grad_w, grad_A, grad_B
+
+
+class LoRaDLinearFunction(torch.autograd.Function):
+    """``y = x @ rotate(W, A @ B).T + bias`` with a lean backward.
+
+    Forward builds the rotated weight once and runs one matmul.  Only the
+    input, the frozen weight and the two small factors are saved; backward
+    recomputes angles and rotated weight instead of keeping cos, sin and the
+    rotated weight alive between forward and backward.  The base weight and
+    bias are normally frozen; if they do require grad, they get it.
+
+    ``compute_dtype`` is the dtype of the matmul (the autocast dtype or the
+    base weight's dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lorad_A, lorad_B, compute_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            y = F.linear(x.to(compute_dtype), rotated, b)
+        ctx.save_for_backward(x, weight, lorad_A, lorad_B)
+        ctx.compute_dtype = compute_dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lorad_A, lorad_B = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        with torch.autocast(grad_y.device.type, enabled=False):
+            rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(dtype)
+            grad_y = grad_y.to(dtype)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_y @ rotated).to(x.dtype)
+            grad_w = grad_b = grad_A = grad_B = None
+            gy2d = grad_y.reshape(-1, grad_y.shape[-1])
+            if any(ctx.needs_input_grad[i] for i in (1, 3, 4)):
+                grad_rotated = gy2d.T @ x.to(dtype).reshape(-1, x.shape[-1])
+                grad_w, grad_A, grad_B = _weight_grads(
+                    ctx, rotated, grad_rotated, weight, lorad_A, lorad_B
+                )
+            if ctx.needs_input_grad[2]:
+                grad_b = gy2d.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None
+
+
+class LoRaDConv2dFunction(torch.autograd.Function):
+    """``conv2d(x, rotate(W, A @ B), bias, ...)`` with the same lean backward.
+
+    Backward uses ``aten.convolution_backward`` on the recomputed rotated
+    kernel, so the input gradient and the kernel gradient come from one call.
+    ``padding`` must be numeric (tuple of ints); non-zero padding modes are
+    applied by the caller before this function.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, lorad_A, lorad_B, compute_dtype, stride, padding, dilation, groups
+    ):
+        with torch.autocast(x.device.type, enabled=False):
+            rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            y = F.conv2d(x.to(compute_dtype), rotated, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, lorad_A, lorad_B)
+        ctx.compute_dtype = compute_dtype
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lorad_A, lorad_B = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x = ctx.needs_input_grad[0]
+        need_w = any(ctx.needs_input_grad[i] for i in (1, 3, 4))
+        with torch.autocast(grad_y.device.type, enabled=False):
+            rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(dtype)
+            grad_x, grad_rotated, grad_b = torch.ops.aten.convolution_backward(
+                grad_y.to(dtype),
+                x.to(dtype),
+                rotated,
+                None,
+                list(stride),
+                list(padding),
+                list(dilation),
+                False,
+                [0, 0],
+                groups,
+                [need_x, need_w, ctx.needs_input_grad[2]],
+            )
+            if grad_x is not None:
+                grad_x = grad_x.to(x.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.to(weight.dtype)
+            grad_w = grad_A = grad_B = None
+            if need_w:
+                grad_w, grad_A, grad_B = _weight_grads(
+                    ctx, rotated, grad_rotated, weight, lorad_A, lorad_B
+                )
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None

@@ -1,0 +1,170 @@
+"""Save and load LoRaD adapters as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Only the angle factors are written (keys ``<module>.lorad_A`` and
+``<module>.lorad_B``, module names as in the unwrapped model), never the base
+weights.  Files are written to a temporary name and renamed, so a crash never
+leaves a half-written adapter in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CONFIG_NAME, LoRaDConfig
+from .model import adapter_config, adapter_names, attach, lorad_layers
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+    "AdapterMismatchError",
+    "WEIGHTS_NAME",
+]
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter files do not fit the model's architecture."""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{"<module>.lorad_A": A, "<module>.lorad_B": B}`` for one adapter (detached)."""
+    adapter_config(model, adapter_name)
+    state = {}
+    for name, layer in lorad_layers(model):
+        if adapter_name in layer.lorad_A:
+            state[f"{name}.lorad_A"] = layer.lorad_A[adapter_name].detach()
+            state[f"{name}.lorad_B"] = layer.lorad_B[adapter_name].detach()
+    return state
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model, adapter_name)
+    state = {
+        k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()
+    }
+    metadata = {"format": "pt", "wadi_adapter": "lorad", "adapter_name": adapter_name}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
+    text = config.to_json() + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return directory
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    activate: bool = True,
+    freeze_base: bool = True,
+) -> nn.Module:
+    """Attach (if needed) and fill adapter ``adapter_name`` from ``directory``.
+
+    The files must fit the model: every wrapped module and shape must match.
+    On a mismatch raises :class:`AdapterMismatchError` naming the first
+    modules that differ, expected vs found, and leaves the model unchanged.
+    """
+    directory = Path(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: is {directory} a wadi LoRaD adapter folder?")
+    config = LoRaDConfig.load(directory)
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+    expected = _expected_shapes(model, config, adapter_name)
+    problems = _compare(expected, saved)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise AdapterMismatchError(
+            f"adapter in {directory} does not fit this model ({len(problems)} mismatches): {shown}. "
+            "Load it into the architecture it was trained on."
+        )
+    if adapter_name not in adapter_names(model):
+        attach(model, config, adapter_name, activate=activate, freeze_base=freeze_base)
+    layers = dict(lorad_layers(model))
+    with safe_open(str(weights), framework="pt") as f, torch.no_grad():
+        for key in f.keys():
+            module, _, which = key.rpartition(".")
+            param = getattr(layers[module], which)[adapter_name]
+            param.copy_(f.get_tensor(key).to(param.dtype))
+    return model
+
+
+def _expected_shapes(
+    model: nn.Module, config: LoRaDConfig, adapter_name: str
+) -> dict[str, list[int]]:
+    """Key -> shape the adapter files must have for this model."""
+    shapes = {}
+    if adapter_name in adapter_names(model):
+        for name, layer in lorad_layers(model):
+            if adapter_name in layer.lorad_A:
+                shapes[f"{name}.lorad_A"] = list(layer.lorad_A[adapter_name].shape)
+                shapes[f"{name}.lorad_B"] = list(layer.lorad_B[adapter_name].shape)
+        return shapes
+    from .layer import LoRaDLayer
+
+    for name, module in model.named_modules():
+        base = module.base_layer if isinstance(module, LoRaDLayer) else module
+        if "base_layer" in name.split(".") and not isinstance(module, LoRaDLayer):
+            continue
+        supported = isinstance(base, nn.Linear) or (
+            config.include_conv and isinstance(base, nn.Conv2d)
+        )
+        if supported and config.matches(name):
+            out_features = base.weight.shape[0]
+            pairs = base.weight[0].numel() // 2
+            shapes[f"{name}.lorad_A"] = [out_features, config.rank]
+            shapes[f"{name}.lorad_B"] = [config.rank, pairs]
+    return shapes
+
+
+def _compare(expected: dict[str, list[int]], found: dict[str, list[int]]) -> list[str]:
+    problems = []
+    for key in sorted(set(expected) | set(found)):
+        module = key.rpartition(".")[0]
+        if key not in found:
+            problems.append(
+                f"module {module}: expected {key.rpartition('.')[2]} {expected[key]}, found none"
+            )
+        elif key not in expected:
+            problems.append(
+                f"module {module}: found {key.rpartition('.')[2]} {found[key]}, model has no such layer"
+            )
+        elif list(expected[key]) != list(found[key]):
+            problems.append(
+                f"module {module}: {key.rpartition('.')[2]} expected shape {expected[key]}, found {found[key]}"
+            )
+    return problems
+
+
+def read_adapter_metadata(directory: str | os.PathLike) -> dict:
+    """The JSON config of an adapter folder, as a dict."""
+    return json.loads((Path(directory) / CONFIG_NAME).read_text())
