@@ -1,0 +1,1 @@
+"""Evaluation harness: metrics, feature extractors, the COCO protocol, ``wadi eval``."""

@@ -1,0 +1,171 @@
+"""Evaluation metrics as pure functions over feature arrays.
+
+* Frechet distance (FID when the features are Inception-v3 pool features), in float64
+  with a symmetric, always-real matrix square root.
+* Precision and recall by k-nearest-neighbour manifolds (Kynkaanniemi et al. 2019, k = 3).
+* CLIP score: mean cosine similarity of paired image and text embeddings, in [0, 1].
+
+Inputs may be numpy arrays or torch tensors of shape ``(N, D)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "gaussian_stats",
+    "frechet_distance_from_stats",
+    "frechet_distance",
+    "manifold_radii",
+    "precision_recall",
+    "clip_score",
+]
+
+
+def _as_float64(features, name: str = "features") -> np.ndarray:
+    """Features as a float64 ``(N, D)`` numpy array; a clear error for anything else."""
+    if hasattr(features, "detach"):  # torch tensor, without importing torch
+        features = features.detach().float().cpu().numpy()
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty: no samples to evaluate")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return array
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features, in float64.
+
+    Uses the N-1 normalisation like pytorch-fid and clean-fid (``np.cov``).
+    """
+    array = _as_float64(features)
+    if array.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples for a covariance, got {array.shape[0]}")
+    mu = array.mean(axis=0)
+    centred = array - mu
+    sigma = centred.T @ centred / (array.shape[0] - 1)
+    return mu, sigma
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix via ``eigh``.
+
+    Tiny negative eigenvalues from round-off are clipped to zero, so the result is
+    real and symmetric even for rank-deficient covariances (fewer samples than dims).
+    """
+    sym = (matrix + matrix.T) / 2
+    eigvals, eigvecs = np.linalg.eigh(sym)
+    eigvals = np.clip(eigvals, 0.0, None)
+    return (eigvecs * np.sqrt(eigvals)) @ eigvecs.T
+
+
+def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``.  The trace term is
+    computed as ``sum(sqrt(eig(S1^(1/2) S2 S1^(1/2))))``: that matrix is symmetric PSD
+    and similar to ``S1 S2``, so its eigenvalues are real and non-negative. This avoids
+    the complex parts and the ``eps * I`` retries that ``scipy.linalg.sqrtm(S1 @ S2)``
+    needs on singular covariances.
+    """
+    mu1 = np.asarray(mu1, dtype=np.float64).reshape(-1)
+    mu2 = np.asarray(mu2, dtype=np.float64).reshape(-1)
+    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
+            f"mu2 {mu2.shape}, sigma2 {sigma2.shape} (features of different extractors?)"
+        )
+    sqrt1 = _psd_sqrt(sigma1)
+    middle = sqrt1 @ sigma2 @ sqrt1
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean
+    # round-off can make identical distributions give -1e-12
+    return float(max(value, 0.0))
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Frechet distance between the Gaussian fits of two ``(N, D)`` feature sets."""
+    mu1, s1 = gaussian_stats(features_a)
+    mu2, s2 = gaussian_stats(features_b)
+    return frechet_distance_from_stats(mu1, s1, mu2, s2)
+
+
+def _pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``(len(a), len(b))``, clipped at zero."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.clip(sq, 0.0, None)
+
+
+def manifold_radii(features, k: int = 3, batch_size: int = 4096) -> np.ndarray:
+    """Distance of each sample to its k-th nearest neighbour in the same set (self excluded).
+
+    These are the radii of the hyperspheres whose union estimates the manifold.
+    """
+    array = _as_float64(features)
+    n = array.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} samples, got k={k}")
+    radii = np.empty(n, dtype=np.float64)
+    for start in range(0, n, batch_size):
+        sq = _pairwise_sq_distances(array[start : start + batch_size], array)
+        # column k of the partially sorted row: index 0 is the sample itself (distance 0)
+        radii[start : start + batch_size] = np.sqrt(np.partition(sq, k, axis=1)[:, k])
+    return radii
+
+
+def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch_size: int):
+    """Fraction of ``points`` inside at least one ball ``(centres[i], radii[i])``."""
+    inside = 0
+    sq_radii = radii**2
+    for start in range(0, points.shape[0], batch_size):
+        sq = _pairwise_sq_distances(points[start : start + batch_size], centres)
+        inside += int(np.any(sq <= sq_radii[None, :], axis=1).sum())
+    return inside / points.shape[0]
+
+
+def precision_recall(
+    real_features, fake_features, k: int = 3, batch_size: int = 4096
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019).
+
+    Precision: fraction of generated samples inside the real manifold (union of balls
+    around each real sample with radius = distance to its k-th nearest real neighbour).
+    Recall: fraction of real samples inside the generated manifold, defined likewise.
+    """
+    real = _as_float64(real_features, "real features")
+    fake = _as_float64(fake_features, "generated features")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: real {real.shape[1]}, generated {fake.shape[1]}")
+    real_radii = manifold_radii(real, k, batch_size)
+    fake_radii = manifold_radii(fake, k, batch_size)
+    precision = _coverage(fake, real, real_radii, batch_size)
+    recall = _coverage(real, fake, fake_radii, batch_size)
+    return precision, recall
+
+
+def clip_score(image_embeds, text_embeds, clamp: bool = True) -> float:
+    """Mean cosine similarity of paired image/text embeddings (row i with row i).
+
+    Reported unscaled in [0, 1] like method.md §6 (0.31 for SD1.5), not multiplied by
+    100 or by w = 2.5 as in some papers. With ``clamp`` (default), each pair's cosine is
+    clipped at 0 before averaging, as torchmetrics and CLIPScore do; for real CLIP
+    models paired cosines are positive so the clamp rarely changes the value.
+    """
+    img = _as_float64(image_embeds, "image embeddings")
+    txt = _as_float64(text_embeds, "text embeddings")
+    if img.shape != txt.shape:
+        raise ValueError(f"image embeddings {img.shape} and text embeddings {txt.shape} differ")
+    img = img / np.linalg.norm(img, axis=1, keepdims=True).clip(1e-12)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True).clip(1e-12)
+    cos = (img * txt).sum(axis=1)
+    if clamp:
+        cos = np.clip(cos, 0.0, None)
+    return float(cos.mean())
