@@ -60,3 +60,219 @@ def build_clip_tokenizer(
     )
     tokenizer.save_pretrained(directory)
     return CLIPTokenizer.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------
+# Tiny teachers: full diffusers pipeline folders built from configs, offline.
+# ---------------------------------------------------------------------------
+
+TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree", "house", "the")
+
+#: SD's scaled-linear schedule and PixArt's linear schedule (num_train_timesteps 1000)
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+PIXART_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0):
+    """An ``AutoencoderKL`` with factor 2 (latent 8 -> 16 px images), random weights."""
+    from diffusers import AutoencoderKL
+
+    _seeded(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+def tiny_unet(in_channels: int = 4, sample_size: int = 8, cross_attention_dim: int = 16, seed=0):
+    """A two-level ``UNet2DConditionModel`` with cross-attention, SD-like module names."""
+    from diffusers import UNet2DConditionModel
+
+    _seeded(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+    ).eval()
+
+
+def tiny_clip(directory: str | Path, hidden_size: int = 16, max_length: int = 16, seed: int = 0):
+    """``(CLIPTextModel, CLIPTokenizer)``: 2 layers, ``hidden_size`` wide, prompts of ``max_length``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer(Path(directory), TINY_WORDS, max_length=max_length)
+    _seeded(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval(), tokenizer
+
+
+def build_t5_tokenizer(directory: str | Path, words=TINY_WORDS):
+    """Write and load a small ``T5Tokenizer`` (a Unigram ``tokenizer.json``), offline.
+
+    Every printable ASCII character (with and without the word-start marker)
+    is a token and each of ``words`` is one token, so any prompt tokenizes.
+    """
+    from transformers import T5Tokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces.append(("▁" + word, -1.0))
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [(c, -5.0), ("▁" + c, -4.0)]
+    pieces = list(dict((p, s) for p, s in pieces).items())
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.save_pretrained(directory)
+    return T5Tokenizer.from_pretrained(directory)
+
+
+def tiny_t5(directory: str | Path, d_model: int = 16, seed: int = 0):
+    """``(T5EncoderModel, T5Tokenizer)``: 2 layers, ``d_model`` wide."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_t5_tokenizer(directory)
+    _seeded(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def tiny_pixart_transformer(sample_size: int = 8, caption_channels: int = 16, seed: int = 0):
+    """A 2-block ``PixArtTransformer2DModel`` with learned sigma (out_channels = 2 * in)."""
+    from diffusers import PixArtTransformer2DModel
+
+    _seeded(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=sample_size,
+        patch_size=2,
+        caption_channels=caption_channels,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ).eval()
+
+
+def _scheduler(kind: str, schedule: dict, prediction_type: str = "epsilon"):
+    import diffusers
+
+    extra = {"clip_sample": False} if kind in ("DDIMScheduler", "DDPMScheduler") else {}
+    return getattr(diffusers, kind)(
+        num_train_timesteps=1000, prediction_type=prediction_type, **schedule, **extra
+    )
+
+
+def make_tiny_sd(
+    directory: str | Path,
+    prediction_type: str = "epsilon",
+    sample_size: int = 8,
+    scheduler: str = "DDPMScheduler",
+    seed: int = 0,
+) -> Path:
+    """A tiny ``StableDiffusionPipeline`` folder (random weights, SD's scaled-linear schedule)."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_encoder, tokenizer = tiny_clip(tmp, seed=seed)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(sample_size=sample_size, seed=seed + 2),
+        scheduler=_scheduler(scheduler, SD_SCHEDULE, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_pixart(
+    directory: str | Path, sample_size: int = 8, scheduler: str = "DDPMScheduler", seed: int = 0
+) -> Path:
+    """A tiny ``PixArtAlphaPipeline`` folder (T5 with mask, learned sigma, PixArt's linear schedule).
+
+    ``sample_size=128`` gives a model with resolution/aspect-ratio conditioning, as the 1024 px one.
+    """
+    import tempfile
+
+    from diffusers import PixArtAlphaPipeline
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_encoder, tokenizer = tiny_t5(tmp, seed=seed)
+    pipe = PixArtAlphaPipeline(
+        vae=tiny_vae(seed=seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=tiny_pixart_transformer(sample_size=sample_size, seed=seed + 2),
+        scheduler=_scheduler(scheduler, PIXART_SCHEDULE),
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_pixel_teacher(
+    directory: str | Path, channels: int = 1, sample_size: int = 8, seed: int = 0
+) -> Path:
+    """A tiny pixel-space teacher: ``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, no ``vae/``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text_encoder, tokenizer = tiny_clip(directory / "tokenizer", seed=seed)
+    text_encoder.save_pretrained(directory / "text_encoder")
+    tiny_unet(in_channels=channels, sample_size=sample_size, seed=seed + 2).save_pretrained(
+        directory / "unet"
+    )
+    _scheduler("DDPMScheduler", SD_SCHEDULE).save_pretrained(directory / "scheduler")
+    return directory
