@@ -69,7 +69,9 @@ def build_clip_tokenizer(
 TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree", "house", "the")
 
 #: SD's scaled-linear schedule and PixArt's linear schedule (num_train_timesteps 1000)
-SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
 PIXART_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
 

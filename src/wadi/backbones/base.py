@@ -1,0 +1,370 @@
+"""The backbone interface: one loaded teacher behind a small, uniform API.
+
+The training loop, sampling and export only talk to :class:`Backbone`; each
+architecture (SD U-Net, PixArt DiT, ...) is a subclass that knows how to call
+its denoiser, encode prompts and write a stock diffusers pipeline.  The frozen
+denoiser exists once: LoRaD adapters (student, fake score) attach to it and
+the teacher is the same module with adapters disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TextCondition", "Backbone", "eps_from_model_output", "atomic_directory"]
+
+
+@dataclass
+class TextCondition:
+    """Text conditioning for a batch: embeddings and (T5 only) the attention mask.
+
+    ``embeds`` is ``(B, L, D)``; ``mask`` is ``(B, L)`` with 1 for real tokens
+    (PixArt/T5) or ``None`` (SD/CLIP, which attends to the padding too).
+    Indexing always keeps the batch dimension (an int ``i`` selects ``[i:i+1]``).
+    """
+
+    embeds: Tensor
+    mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeds.ndim != 3:
+            raise ValueError(
+                f"TextCondition.embeds must be (B, L, D), got {tuple(self.embeds.shape)}"
+            )
+        if self.mask is not None and tuple(self.mask.shape) != tuple(self.embeds.shape[:2]):
+            raise ValueError(
+                f"TextCondition.mask must be (B, L) = {tuple(self.embeds.shape[:2])}, "
+                f"got {tuple(self.mask.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, idx) -> TextCondition:
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        if isinstance(idx, (list, tuple)):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+        if isinstance(idx, Tensor):
+            idx = idx.to(self.embeds.device)
+        mask = None if self.mask is None else self.mask[idx]
+        return TextCondition(self.embeds[idx], mask)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeds.dtype
+
+    def to(self, device=None, dtype=None) -> TextCondition:
+        """Move to ``device``; ``dtype`` applies to the embeddings only (the mask stays integer)."""
+        embeds = self.embeds.to(device=device, dtype=dtype)
+        mask = None if self.mask is None else self.mask.to(device=device)
+        return TextCondition(embeds, mask)
+
+    def expand(self, batch: int) -> TextCondition:
+        """A batch-1 condition repeated ``batch`` times (e.g. the null prompt)."""
+        if len(self) == batch:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand a TextCondition of batch {len(self)} to {batch}")
+        mask = None if self.mask is None else self.mask.expand(batch, -1)
+        return TextCondition(self.embeds.expand(batch, -1, -1), mask)
+
+    @staticmethod
+    def cat(parts: list[TextCondition]) -> TextCondition:
+        """Concatenate along the batch dimension."""
+        if not parts:
+            raise ValueError("TextCondition.cat needs at least one part")
+        has_mask = {p.mask is not None for p in parts}
+        if len(has_mask) != 1:
+            raise ValueError("cannot concatenate TextConditions with and without attention masks")
+        embeds = torch.cat([p.embeds for p in parts], dim=0)
+        mask = torch.cat([p.mask for p in parts], dim=0) if has_mask == {True} else None
+        return TextCondition(embeds, mask)
+
+    def where(self, keep: Tensor, other: TextCondition) -> TextCondition:
+        """Per row: ``self`` where ``keep`` is true, else ``other`` (batch B or 1, e.g. the null prompt)."""
+        other = other.expand(len(self))
+        keep = keep.to(device=self.embeds.device, dtype=torch.bool).reshape(-1)
+        if keep.shape[0] != len(self):
+            raise ValueError(f"keep has {keep.shape[0]} entries for a batch of {len(self)}")
+        embeds = torch.where(keep[:, None, None], self.embeds, other.embeds.to(self.embeds))
+        if (self.mask is None) != (other.mask is None):
+            raise ValueError("cannot mix TextConditions with and without attention masks")
+        mask = None
+        if self.mask is not None:
+            mask = torch.where(keep[:, None], self.mask, other.mask.to(self.mask))
+        return TextCondition(embeds, mask)
+
+
+def eps_from_model_output(
+    output: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str
+) -> Tensor:
+    """Convert a denoiser output to the noise ``eps`` (method.md section 3).
+
+    ``alpha_bar`` holds abar_t per sample (shape ``(B,)``, any float dtype).
+    v-prediction: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
+    sample prediction: ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    alpha_bar = alpha_bar.to(device=x_t.device, dtype=torch.float64).reshape(shape)
+    sqrt_a = alpha_bar.sqrt().to(x_t.dtype)
+    sqrt_1ma = (1.0 - alpha_bar).sqrt().to(x_t.dtype)
+    if prediction_type == "v_prediction":
+        return sqrt_a * output + sqrt_1ma * x_t
+    if prediction_type == "sample":
+        return (x_t - sqrt_a * output) / sqrt_1ma
+    raise ValueError(
+        f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample"
+    )
+
+
+class atomic_directory:
+    """Context manager: build a folder under a temporary name, rename it into place on success.
+
+    An existing ``target`` is replaced only after the new folder is complete;
+    on an error the temporary folder is removed and ``target`` is untouched.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(
+            tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        )
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class Backbone:
+    """One loaded teacher (see module docstring).  Subclasses implement the ``_`` hooks."""
+
+    kind: str = ""
+    student_preset: str = ""
+    fake_preset: str = ""
+    denoiser_folder: str = ""  # "unet" / "transformer"
+    supported: str = ""  # what this class loads, for error messages
+
+    def __init__(
+        self,
+        *,
+        denoiser: nn.Module,
+        scheduler: Any,
+        text_encoder: nn.Module | None,
+        tokenizer: Any,
+        vae: nn.Module | None,
+        path: Path | None = None,
+    ):
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.path = path
+
+    # ---- detection and loading (registry hooks) ----
+    @classmethod
+    def accepts(cls, denoiser_config: dict) -> bool:
+        """Whether this class handles a denoiser with this ``config.json``."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> str:
+        return f"{cls.kind} ({cls.supported})"
+
+    @classmethod
+    def from_folder(
+        cls, path: Path, *, dtype: torch.dtype, device, load_text_encoder: bool
+    ) -> Backbone:
+        raise NotImplementedError
+
+    # ---- shapes and schedule ----
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def latent_size(self, resolution: int) -> int:
+        """Side of the latent grid for an image of ``resolution`` pixels."""
+        factor = self.vae_scale_factor
+        if resolution <= 0 or resolution % factor:
+            raise ValueError(
+                f"resolution {resolution} must be a positive multiple of the VAE factor {factor}"
+            )
+        return resolution // factor
+
+    def alphas_cumprod(self) -> Tensor:
+        """abar_t for t = 0..T-1, float64, exactly the values the scheduler uses."""
+        return torch.as_tensor(self.scheduler.alphas_cumprod).to(torch.float64)
+
+    # ---- text ----
+    def encode_prompts(self, prompts: list[str]) -> TextCondition:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "this backbone was loaded with load_text_encoder=False; use precomputed "
+                "embeddings (wadi embed) or load it with the text encoder"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        with torch.no_grad():
+            return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> TextCondition:
+        raise NotImplementedError
+
+    # ---- denoiser ----
+    def _timesteps(self, t, batch: int) -> Tensor:
+        t = torch.as_tensor(t, device=self.device)
+        if t.is_floating_point():
+            t = t.round()
+        t = t.to(torch.long)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(
+                f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}"
+            )
+        return t
+
+    def _model_output(self, x_t: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        """Raw denoiser output (same channels as ``x_t``) for timesteps ``t`` of shape (B,)."""
+        raise NotImplementedError
+
+    def predict_eps(
+        self, x_t: Tensor, t, cond: TextCondition, *, alpha_bar: float | Tensor | None = None
+    ) -> Tensor:
+        """Noise prediction eps(x_t, t, c); v-/sample-prediction teachers are converted.
+
+        ``alpha_bar`` overrides abar_t in that conversion (the one-step
+        generator uses its own abar_T); by default it is the scheduler's.
+        """
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(f"{len(cond)} conditions for a batch of {x_t.shape[0]} latents")
+        ts = self._timesteps(t, x_t.shape[0])
+        cond = cond.to(device=x_t.device, dtype=x_t.dtype)
+        out = self._model_output(x_t, ts, cond)
+        if self.prediction_type == "epsilon":
+            return out
+        if alpha_bar is None:
+            alpha_bar = self.alphas_cumprod().to(ts.device)[ts]
+        else:
+            alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).expand(x_t.shape[0])
+        return eps_from_model_output(out, x_t, alpha_bar, self.prediction_type)
+
+    def predict_eps_cfg(
+        self,
+        x_t: Tensor,
+        t,
+        cond: TextCondition,
+        null_cond: TextCondition,
+        scale: float,
+        *,
+        alpha_bar: float | Tensor | None = None,
+    ) -> Tensor:
+        """Classifier-free guidance in ONE batched call: ``m(null) + s * (m(c) - m(null))``."""
+        b = x_t.shape[0]
+        ts = self._timesteps(t, b)
+        both = TextCondition.cat([null_cond.expand(b).to(cond.device), cond])
+        if alpha_bar is not None and torch.as_tensor(alpha_bar).ndim:
+            alpha_bar = torch.as_tensor(alpha_bar).repeat(2)
+        eps = self.predict_eps(torch.cat([x_t, x_t]), ts.repeat(2), both, alpha_bar=alpha_bar)
+        eps_null, eps_cond = eps.chunk(2)
+        return eps_null + scale * (eps_cond - eps_null)
+
+    # ---- images ----
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1], ``(B, C, H, W)``; the identity in pixel space."""
+        if self.vae is None:
+            return latents
+        vae = self.vae
+        scaled = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            scaled = scaled + shift
+        with torch.no_grad():
+            images = vae.decode(scaled, return_dict=False)[0]
+        return images.clamp(-1, 1)
+
+    # ---- export ----
+    def save_pipeline(
+        self,
+        denoiser: nn.Module,
+        directory: str | os.PathLike,
+        alpha_bar_T: float | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
+        """Write a stock diffusers pipeline folder holding ``denoiser`` and a 1-step DDIM scheduler."""
+        from .export import save_pipeline
+
+        return save_pipeline(self, denoiser, directory, alpha_bar_T, dtype=dtype)
+
+    def _pipeline_components(self, denoiser: nn.Module, scheduler) -> tuple[type | None, dict]:
+        """``(pipeline class or None for pixel space, components)`` for export."""
+        raise NotImplementedError
+
+    def _load_text_parts(self) -> tuple[Any, Any]:
+        """Text encoder and tokenizer, loaded from ``path`` if this backbone has none in memory."""
+        if self.text_encoder is not None and self.tokenizer is not None:
+            return self.text_encoder, self.tokenizer
+        if self.path is None:
+            raise ValueError(
+                "the backbone has no text encoder and no source folder to load one from"
+            )
+        return self._read_text_parts(self.path, self.dtype, "cpu")
+
+    @classmethod
+    def _read_text_parts(cls, path: Path, dtype, device):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(kind={self.kind!r}, path={str(self.path)!r}, "
+            f"prediction_type={self.prediction_type!r}, latent_channels={self.latent_channels}, "
+            f"pixel_space={self.vae is None})"
+        )

@@ -1,0 +1,188 @@
+"""Find the right :class:`Backbone` for a diffusers pipeline folder and load it.
+
+Architectures register themselves with :func:`register_backbone`; a new one
+(SDXL, ...) is a subclass with ``denoiser_folder``, ``accepts`` and
+``from_folder``; the training loop does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .base import Backbone
+
+__all__ = ["register_backbone", "registered_backbones", "load_backbone", "read_json"]
+
+_REGISTRY: list[type[Backbone]] = []
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: make ``cls`` a candidate for :func:`load_backbone` (later ones win)."""
+    if cls not in _REGISTRY:
+        _REGISTRY.insert(0, cls)
+    return cls
+
+
+def registered_backbones() -> list[type[Backbone]]:
+    _ensure_builtin()
+    return list(_REGISTRY)
+
+
+def _ensure_builtin() -> None:
+    from . import pixart, sd  # noqa: F401  (registers SDUNetBackbone, PixArtBackbone)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict, with a one-line error if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the folder looks damaged") from None
+
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"teacher {local} is a file; give the diffusers pipeline folder")
+        return local
+    text = str(path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    if _HUB_ID.match(text) and not offline:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(
+                    text,
+                    allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+                    ignore_patterns=["*.fp16.safetensors", "*ema*"],
+                )
+            )
+        except Exception as err:  # noqa: BLE001 - any hub failure is one user-facing line
+            raise FileNotFoundError(
+                f"teacher {text!r} is not a local folder and could not be fetched from the hub "
+                f"({type(err).__name__}); give a local diffusers pipeline folder"
+            ) from None
+    raise FileNotFoundError(
+        f"teacher folder {local} not found; give a local diffusers pipeline folder "
+        "(with unet/ or transformer/, scheduler/, text_encoder/, tokenizer/)"
+    )
+
+
+def _pick_class(root: Path) -> type[Backbone]:
+    candidates = registered_backbones()
+    folders = sorted({c.denoiser_folder for c in candidates})
+    found = [f for f in folders if (root / f / "config.json").is_file()]
+    if not found:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if any((root / f).is_dir() for f in folders):
+            missing = [f"{f}/config.json" for f in folders if (root / f).is_dir()]
+            raise FileNotFoundError(f"teacher {root} is incomplete: {', '.join(missing)} missing")
+        raise FileNotFoundError(
+            f"teacher {root} has no {' or '.join(f + '/' for f in folders)} subfolder "
+            f"(found: {', '.join(present) or 'nothing'}); is it a diffusers text-to-image pipeline?"
+        )
+    for folder in found:
+        config = read_json(root / folder / "config.json")
+        for cls in candidates:
+            if cls.denoiser_folder == folder and cls.accepts(config):
+                return cls
+    names = [read_json(root / f / "config.json").get("_class_name", "unknown") for f in found]
+    raise ValueError(
+        f"unsupported architecture in {root}: {', '.join(names)}; wadi supports "
+        + ", ".join(c.describe() for c in candidates)
+    )
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    load_text_encoder: bool = True,
+) -> Backbone:
+    """Load the teacher in ``path`` (a diffusers pipeline folder) as a :class:`Backbone`.
+
+    Every module is frozen (``requires_grad=False``) and in eval mode.  With
+    ``load_text_encoder=False`` the text encoder and tokenizer stay on disk
+    (training from precomputed embeddings).
+    """
+    root = _resolve(path)
+    cls = _pick_class(root)
+    needed = ["scheduler/scheduler_config.json"]
+    if load_text_encoder:
+        needed += ["text_encoder/config.json", "tokenizer"]
+    missing = [n for n in needed if not (root / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"teacher {root} is incomplete: {', '.join(missing)} missing"
+            + (
+                "; load with load_text_encoder=False to train from precomputed embeddings"
+                if all(m.startswith(("text_encoder", "tokenizer")) for m in missing)
+                else ""
+            )
+        )
+    backbone = cls.from_folder(
+        root, dtype=dtype, device=device, load_text_encoder=load_text_encoder
+    )
+    for module in (backbone.denoiser, backbone.text_encoder, backbone.vae):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    return backbone
+
+
+def load_scheduler(root: Path):
+    """The teacher's scheduler, of the class named in its config."""
+    import diffusers
+
+    config = read_json(root / "scheduler" / "scheduler_config.json")
+    name = config.get("_class_name", "DDPMScheduler")
+    scheduler_cls = getattr(diffusers, name, None)
+    if scheduler_cls is None or not hasattr(scheduler_cls, "from_pretrained"):
+        raise ValueError(f"unknown scheduler class {name!r} in {root / 'scheduler'}")
+    scheduler = scheduler_cls.from_pretrained(root, subfolder="scheduler")
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(
+            f"scheduler {name} in {root} has no alphas_cumprod (not a DDPM-type schedule); "
+            "wadi needs a discrete-time diffusion teacher"
+        )
+    return scheduler
+
+
+def load_vae(root: Path, dtype, device):
+    """The teacher's VAE, or ``None`` when the folder has no ``vae/`` (pixel space)."""
+    if not (root / "vae").is_dir():
+        return None
+    if not (root / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"teacher {root} is incomplete: vae/config.json missing")
+    import diffusers
+
+    name = read_json(root / "vae" / "config.json").get("_class_name", "AutoencoderKL")
+    vae_cls = getattr(diffusers, name, None)
+    if vae_cls is None:
+        raise ValueError(f"unsupported VAE class {name!r} in {root / 'vae'}")
+    return vae_cls.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device)
+
+
+def load_text_encoder(root: Path, default_class: str, dtype, device):
+    """The text encoder (class from its config's ``architectures``) and tokenizer."""
+    import transformers
+
+    config = read_json(root / "text_encoder" / "config.json")
+    name = (config.get("architectures") or [default_class])[0]
+    encoder_cls = getattr(transformers, name, None)
+    if encoder_cls is None:
+        raise ValueError(f"unsupported text encoder {name!r} in {root / 'text_encoder'}")
+    encoder = encoder_cls.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+    return encoder, tokenizer
