@@ -1,0 +1,204 @@
+"""Extractors loaded from local files of random weights; clear errors for missing ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wadi.eval.extractors import available_extractors, load_extractor
+from wadi.eval.inception import (
+    PUBLIC_WEIGHTS_NAME,
+    FIDInceptionV3,
+    convert_inception_weights,
+    file_sha256,
+    load_inception,
+)
+
+
+def _random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A full state dict with random values; BN running stats kept sane."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in FIDInceptionV3().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("running_var"):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        elif key.endswith("running_mean") or key.endswith("bn.bias"):
+            state[key] = torch.randn(value.shape, generator=gen) * 0.1
+        elif key.endswith("bn.weight"):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        else:  # conv weights, He-like scale so activations neither vanish nor explode
+            fan_in = value[0].numel()
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    state = _random_inception_state()
+    # the public file also carries the 1008-way classifier: it must be ignored
+    state["fc.weight"] = torch.zeros(1008, 2048)
+    state["fc.bias"] = torch.zeros(1008)
+    save_file(state, str(path))
+    return path
+
+
+def test_inception_weights_round_trip_and_2048_features(inception_file):
+    from safetensors.torch import load_file
+
+    model = load_inception(inception_file)
+    saved = load_file(str(inception_file))
+    for key, tensor in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, saved[key]), key
+    assert not model.training
+    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    feats = model(images)
+    assert feats.shape == (2, 2048)
+    assert torch.isfinite(feats).all() and (feats >= 0).all()  # pooled ReLU outputs
+    assert not torch.allclose(feats[0], feats[1])  # different images, different features
+
+
+def test_inception_extractor_uint8_pipeline(inception_file):
+    ext = load_extractor("inception", weights=inception_file)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
+    feats = ext.features(images)
+    ref = ext.model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+    assert feats.shape == (2, 2048) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
+    info = ext.describe()
+    assert (
+        info["weights_sha256"] == file_sha256(inception_file) and len(info["weights_sha256"]) == 64
+    )
+
+
+def test_missing_inception_weights_names_the_public_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_extractor("inception", weights=tmp_path / "nope.safetensors")
+    message = str(err.value)
+    assert PUBLIC_WEIGHTS_NAME in message and "convert-inception" in message
+    assert "\n" not in message
+
+
+def test_wrong_inception_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="not FID Inception-v3 weights"):
+        load_inception(path)
+    state = _random_inception_state()
+    state["Conv2d_1a_3x3.conv.weight"] = torch.zeros(32, 3, 5, 5)
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
+        load_inception(path)
+
+
+def test_convert_inception_from_pth(tmp_path):
+    state = _random_inception_state(seed=3)
+    state["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
+    state["fc.weight"] = torch.zeros(1008, 2048)
+    pth = tmp_path / PUBLIC_WEIGHTS_NAME
+    torch.save(state, pth)
+    out = convert_inception_weights(pth, tmp_path / "sub" / "inc.safetensors")
+    assert out.is_file() and not list(out.parent.glob("*.tmp*"))
+    model = load_inception(out)
+    assert torch.equal(
+        model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"]
+    )
+    # a .pth passed where safetensors is expected points at the converter
+    with pytest.raises(ValueError, match="convert-inception"):
+        load_inception(pth)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not the FID Inception-v3 state dict"):
+        convert_inception_weights(tmp_path / "bad.pth", tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_fid_pooling_quirks():
+    """The TF FID graph averages pools without padding and max-pools in Mixed_7c."""
+    model = FIDInceptionV3()
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    from wadi.eval.inception import _avg_pool
+
+    x = torch.ones(1, 1, 4, 4)
+    assert torch.allclose(_avg_pool(x), x)  # count_include_pad=True would give 4/9 in corners
+
+
+def _tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from wadi.testing import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(folder / "tok", words=["a", "photo", "depicts", "cat"])
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=tokenizer.vocab_size + 2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return _tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_transformers_clip_from_local_folder(clip_folder):
+    from transformers import CLIPModel
+
+    ext = load_extractor("clip", folder=clip_folder)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 48, 48, 3), dtype=np.uint8)
+    img = ext.features(images)
+    txt = ext.text_features(["a photo depicts a cat", "a cat", "photo"])
+    assert img.shape == (3, 16) and txt.shape == (3, 16)
+    # text path against a direct call of the model saved in the folder
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    tok = ext.processor.tokenizer(["a cat"], return_tensors="pt")
+    with torch.no_grad():
+        direct = model.get_text_features(**tok)
+    direct = direct if torch.is_tensor(direct) else direct.pooler_output
+    np.testing.assert_allclose(txt[1], direct[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert (
+        ext.describe()["weights_sha256"] == ext.sha256
+        and ext.describe()["backend"] == "transformers"
+    )
+
+
+def test_clip_errors(tmp_path):
+    with pytest.raises(ValueError, match="--clip-model"):
+        load_extractor("clip")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_extractor("clip", folder=tmp_path)
+
+
+def test_registry_lists_and_rejects():
+    assert {"inception", "clip", "digits"} <= set(available_extractors())
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        load_extractor("vgg")
