@@ -52,6 +52,14 @@ def _compute_dtype(weight: torch.Tensor, theta: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(weight.dtype, theta.dtype), torch.float32)
 
 
+def _pair_view(w2d: torch.Tensor, pairs: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(out, pairs, 2)`` view of the first ``2 * pairs`` columns, ready for view_as_complex."""
+    w = w2d[:, : 2 * pairs].to(dtype)
+    if w.stride(0) % 2 or w.stride(1) != 1:
+        w = w.contiguous()
+    return w.reshape(w.shape[0], pairs, 2)
+
+
 def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent column pairs of ``weight`` (``out x in``) by ``theta``.
 
@@ -70,12 +78,11 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
             f"needs ({out_features}, {pairs})"
         )
     dtype = _compute_dtype(weight, theta)
-    w = w2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
-    w0, w1 = w.unbind(-1)
-    theta = theta.to(dtype)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    rotated = torch.stack((w0 * cos - w1 * sin, w0 * sin + w1 * cos), dim=-1)
-    rotated = rotated.reshape(out_features, 2 * pairs).to(weight.dtype)
+    # A pair (w0, w1) is the complex number w0 + i*w1; rotating it by theta is
+    # multiplying by exp(i*theta).  One fused kernel instead of cos, sin, 4 mul, 2 add, stack.
+    pairs_c = torch.view_as_complex(_pair_view(w2d, pairs, dtype))
+    phase = torch.polar(torch.ones((), dtype=dtype, device=theta.device), theta.to(dtype))
+    rotated = torch.view_as_real(pairs_c * phase).reshape(out_features, 2 * pairs).to(weight.dtype)
     if fan_in % 2:
         rotated = torch.cat((rotated, w2d[:, -1:]), dim=1)
     return rotated.reshape(shape)
@@ -96,9 +103,10 @@ def rotate_pairs_grad_theta(rotated: torch.Tensor, grad_rotated: torch.Tensor) -
     dtype = torch.promote_types(
         torch.promote_types(rotated.dtype, grad_rotated.dtype), torch.float32
     )
-    r = r2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
-    g = g2d[:, : 2 * pairs].to(dtype).reshape(out_features, pairs, 2)
-    return r[..., 0] * g[..., 1] - r[..., 1] * g[..., 0]
+    r = torch.view_as_complex(_pair_view(r2d, pairs, dtype))
+    g = torch.view_as_complex(_pair_view(g2d, pairs, dtype))
+    # Im(conj(r) * g) = r0 * g1 - r1 * g0
+    return (r.conj() * g).imag
 
 
 def _weight_grads(ctx, rotated, grad_rotated, weight, lorad_A, lorad_B):
