@@ -282,3 +282,15 @@ def reference_features(
         finally:
             tmp.unlink(missing_ok=True)
     return feats, record
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write JSON through a temporary name renamed into place (never a partial file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,237 @@
+"""``wadi eval generate``: one image per caption from a stock diffusers pipeline folder.
+
+Works for an exported one-step student (``steps=1``) and a multi-step teacher alike.
+Image ``i`` is ``{i:05d}.png`` and its noise comes from a CPU generator seeded with
+``seed + i``, so it does not depend on batching, on the number of processes or on the
+GPU.  Finished images are skipped (resume), the work is split across processes with
+accelerate, and ``generation.json`` records every knob that shapes the images.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from wadi.eval.protocol import Captions, sha256_json, write_json
+
+SIDECAR = "generation.json"
+# knobs that decide the pixels: resuming with any of them changed would mix two runs
+IMAGE_KNOBS = (
+    "model_sha256",
+    "steps",
+    "guidance",
+    "resolution",
+    "seed",
+    "seeding",
+    "dtype",
+    "captions",
+    "pipeline_kwargs",
+)
+
+
+def image_name(index: int, total: int) -> str:
+    """File name of caption ``index``: zero-padded to at least 5 digits."""
+    return f"{index:0{max(5, len(str(total - 1)))}d}.png"
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 over a pipeline folder: configs and denoiser weights by content, others by size.
+
+    The denoiser (``unet/``, ``transformer/``) is what differs between students and
+    teachers; hashing the text encoder and VAE too would read gigabytes on every resume.
+    """
+    from wadi.eval.inception import file_sha256
+
+    folder = Path(folder)
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        by_content = path.suffix in (".json", ".txt", ".model") or rel.split("/")[0] in (
+            "unet",
+            "transformer",
+        )
+        entries.append([rel, file_sha256(path) if by_content else path.stat().st_size])
+    return sha256_json(entries)
+
+
+def is_finished(path: Path, resolution: int | None) -> bool:
+    """True for a PNG that decodes fully (at the expected size): a finished image."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return resolution is None or im.size == (resolution, resolution)
+    except Exception:  # noqa: BLE001 - truncated or corrupt: generate again
+        return False
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a uint8 HWC image through a temporary name, so no partial PNG is ever left."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        Image.fromarray(array).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline output in [0, 1] (``output_type="np"``) to uint8, rounding like PIL export."""
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def load_pipeline(model: str | Path, dtype, device):
+    """A stock diffusers pipeline from a local folder; the safety checker is switched off."""
+    from diffusers import DiffusionPipeline
+
+    model = Path(model).expanduser()
+    if not model.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
+    if not (model / "model_index.json").is_file():
+        raise ValueError(
+            f"{model} is not a diffusers pipeline folder (model_index.json missing); "
+            "export a student with `wadi export` or point at a teacher pipeline folder"
+        )
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # it blacks out images and would bias FID
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _check_sidecar(path: Path, knobs: dict) -> None:
+    old = json.loads(path.read_text())
+    changed = [k for k in IMAGE_KNOBS if old.get(k) != knobs.get(k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{path.parent} holds images made with other settings ({k}: {old.get(k)!r} there, "
+            f"{knobs.get(k)!r} now); use a new --output-dir"
+        )
+
+
+def generate_images(
+    model: str | Path,
+    captions: Captions,
+    output_dir: str | Path,
+    *,
+    steps: int = 1,
+    guidance: float = 0.0,
+    resolution: int = 512,
+    seed: int = 0,
+    batch_size: int = 16,
+    dtype: str | None = None,
+    protocol: str | None = None,
+) -> dict:
+    """Generate the missing images of ``captions`` into ``output_dir``; returns the sidecar.
+
+    Runs in every process of an ``accelerate launch``; each takes its share of the
+    unfinished caption indices.  Guidance <= 1 means no classifier-free guidance
+    (diffusers' convention), as for a one-step student.
+    """
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from wadi import __version__
+    from wadi.backbones.export import parse_dtype
+
+    if steps < 1 or resolution < 8 or batch_size < 1:
+        raise ValueError(
+            f"steps ({steps}), resolution ({resolution}) and batch size ({batch_size}) "
+            "must be positive (resolution at least 8)"
+        )
+    state = PartialState()
+    if dtype is None:  # half precision on accelerators, float32 on CPU
+        dtype = "float32" if state.device.type == "cpu" else "float16"
+    torch_dtype = parse_dtype(dtype)
+    output_dir = Path(output_dir).expanduser()
+    pipe = load_pipeline(model, torch_dtype, state.device)
+
+    call_params = inspect.signature(pipe.__call__).parameters
+    pipeline_kwargs = {}
+    if "use_resolution_binning" in call_params:
+        pipeline_kwargs["use_resolution_binning"] = False  # keep the resolution asked for
+    knobs = {
+        "model": str(Path(model).expanduser().resolve()),
+        "model_sha256": model_fingerprint(Path(model).expanduser()),
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "steps": steps,
+        "guidance": guidance,
+        "resolution": resolution,
+        "seed": seed,
+        "seeding": "torch.Generator('cpu').manual_seed(seed + caption_index), one per image",
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "pipeline_kwargs": pipeline_kwargs,
+        "safety_checker": "disabled",
+        "protocol": protocol,
+        "captions": captions.describe(),
+        "file_names": f"{{caption_index:0{len(image_name(0, len(captions))) - 4}d}}.png",
+        "num_processes": state.num_processes,
+        "versions": _versions(),
+        "wadi": __version__,
+    }
+    sidecar = output_dir / SIDECAR
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if sidecar.is_file():
+            _check_sidecar(sidecar, knobs)
+        write_json(sidecar, knobs)
+    state.wait_for_everyone()
+
+    total = len(captions)
+    todo = [
+        i for i in range(total) if not is_finished(output_dir / image_name(i, total), resolution)
+    ]
+    with state.split_between_processes(todo) as mine:
+        batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+        bar = tqdm(
+            total=len(mine),
+            desc=f"generate [{state.process_index}]",
+            unit="img",
+            position=state.process_index,
+        )
+        for batch in batches:
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=[captions.texts[i] for i in batch],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=resolution,
+                    width=resolution,
+                    generator=generators,
+                    output_type="np",
+                    **pipeline_kwargs,
+                ).images
+            for i, image in zip(batch, to_uint8(np.asarray(out))):
+                save_png(image, output_dir / image_name(i, total))
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    knobs["skipped_finished"] = total - len(todo)
+    return knobs
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
