@@ -91,7 +91,9 @@ def test_generic_pair_matches_numpy_reference(dtype):
     wt = torch.from_numpy(rng.standard_normal((20, 3, 3, 3))).to(dtype)
     ws = (wt.double() + 0.1 * torch.from_numpy(rng.standard_normal((20, 3, 3, 3)))).to(dtype)
     ref_t, ref_s = wt.double().numpy(), ws.double().numpy()  # the values the tool sees
-    np.testing.assert_allclose(norm_change(wt, ws).numpy(), norm_change_ref(ref_t, ref_s), rtol=1e-9)
+    np.testing.assert_allclose(
+        norm_change(wt, ws).numpy(), norm_change_ref(ref_t, ref_s), rtol=1e-9
+    )
     np.testing.assert_allclose(
         direction_change(wt, ws).numpy(), direction_change_ref(ref_t, ref_s), rtol=1e-8, atol=1e-15
     )

@@ -291,7 +291,7 @@ def _open_path(path: Path, variant: str | None) -> SafetensorsSource:
             "(or --teacher-adapter) and give its base model as the model"
         )
     singles = sorted(path.glob("*.safetensors"))
-    if len(singles) == 1:
+    if len(singles) == 1 and not (path / "config.json").is_file():
         return _open_path(singles[0], variant)
     raise FileNotFoundError(_no_weights_message(path, variant))
 
