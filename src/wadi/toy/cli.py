@@ -1,0 +1,140 @@
+"""``wadi toy``: train and measure the embedded digits teacher and evaluator.
+
+``wadi toy train-teacher`` and ``wadi toy train-evaluator`` reproduce the assets shipped in
+``wadi/toy/assets``; ``wadi toy eval-teacher`` measures a teacher's multi-step samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    toy = subparsers.add_parser(
+        "toy", help="the embedded digits teacher and evaluator: train, measure"
+    )
+    sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+    toy.set_defaults(func=lambda args: toy.print_help() or 1)
+
+    p = sub.add_parser(
+        "train-teacher", help="train the pixel-space digits teacher (diffusers folder)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="teacher folder to write")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (1200)")
+    p.add_argument("--batch-size", type=int, default=48, help="images per step (48)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _common(p)
+    p.set_defaults(func=_train_teacher)
+
+    p = sub.add_parser(
+        "train-evaluator", help="train the CNN digit classifier used for FD/accuracy"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="evaluator folder to write")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the training split (40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _common(p)
+    p.set_defaults(func=_train_evaluator)
+
+    p = sub.add_parser("eval-teacher", help="FD and prompt accuracy of a teacher's DDIM samples")
+    p.add_argument("--teacher", metavar="DIR", help="teacher folder (default: the shipped one)")
+    p.add_argument("--samples", type=int, default=500, help="samples, digits 0-9 in turn (500)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (25)")
+    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale (3.0)")
+    p.add_argument("--template", type=int, default=0, help="prompt template number (0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    p.add_argument("--grid", metavar="PNG", help="also write a grid of the first samples")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_eval_teacher)
+
+
+def _common(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prepare(args) -> Path:
+    import torch
+
+    from wadi.cli import UserError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _train_teacher(args) -> int:
+    from wadi.cli import UserError
+
+    from .teacher import TeacherTrainConfig, train_teacher
+
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UserError("--steps, --batch-size and --lr must be positive")
+    out = _prepare(args)
+    config = TeacherTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        warmup_steps=min(100, max(1, args.steps // 10)),
+    )
+    summary = train_teacher(out, config, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    print(f"teacher written to {out}")
+    return 0
+
+
+def _train_evaluator(args) -> int:
+    from wadi.cli import UserError
+
+    from .evaluator import EvaluatorTrainConfig, train_evaluator
+
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    out = _prepare(args)
+    summary = train_evaluator(
+        out, EvaluatorTrainConfig(epochs=args.epochs, seed=args.seed), progress=not args.no_progress
+    )
+    print(json.dumps(summary, indent=2))
+    print(f"evaluator written to {out}")
+    return 0
+
+
+def _eval_teacher(args) -> int:
+    import time
+
+    import torch
+
+    from wadi.backbones import load_backbone
+    from wadi.cli import UserError
+
+    from . import TEACHER_DIR
+    from .evaluate import balanced_digits, evaluate_images, sample_teacher, save_grid
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    if args.samples < 2 or args.steps < 1:
+        raise UserError("--samples must be at least 2 and --steps at least 1")
+    backbone = load_backbone(args.teacher or TEACHER_DIR)
+    digits = balanced_digits(args.samples)
+    start = time.perf_counter()
+    images = sample_teacher(backbone, digits, args.steps, args.guidance, args.seed, args.template)
+    seconds = time.perf_counter() - start
+    result = evaluate_images(images, digits)
+    result.update(
+        samples=args.samples,
+        steps=args.steps,
+        guidance=args.guidance,
+        ms_per_image=round(1000 * seconds / args.samples, 2),
+    )
+    print(json.dumps(result, indent=2))
+    if args.grid:
+        save_grid({f"teacher {args.steps} steps": images}, args.grid)
+    return 0
