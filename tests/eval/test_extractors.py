@@ -16,38 +16,6 @@ from wadi.eval.inception import (
 )
 
 
-def _random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A full state dict with random values; BN running stats kept sane."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in FIDInceptionV3().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=gen) + 0.5
-        elif key.endswith("running_mean") or key.endswith("bn.bias"):
-            state[key] = torch.randn(value.shape, generator=gen) * 0.1
-        elif key.endswith("bn.weight"):
-            state[key] = torch.rand(value.shape, generator=gen) + 0.5
-        else:  # conv weights, He-like scale so activations neither vanish nor explode
-            fan_in = value[0].numel()
-            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
-    return state
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    state = _random_inception_state()
-    # the public file also carries the 1008-way classifier: it must be ignored
-    state["fc.weight"] = torch.zeros(1008, 2048)
-    state["fc.bias"] = torch.zeros(1008)
-    save_file(state, str(path))
-    return path
-
-
 def test_inception_weights_round_trip_and_2048_features(inception_file):
     from safetensors.torch import load_file
 
@@ -85,22 +53,22 @@ def test_missing_inception_weights_names_the_public_file(tmp_path):
     assert "\n" not in message
 
 
-def test_wrong_inception_file_is_a_clear_error(tmp_path):
+def test_wrong_inception_file_is_a_clear_error(tmp_path, random_inception_state):
     from safetensors.torch import save_file
 
     path = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="not FID Inception-v3 weights"):
         load_inception(path)
-    state = _random_inception_state()
+    state = random_inception_state()
     state["Conv2d_1a_3x3.conv.weight"] = torch.zeros(32, 3, 5, 5)
     save_file(state, str(path))
     with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
         load_inception(path)
 
 
-def test_convert_inception_from_pth(tmp_path):
-    state = _random_inception_state(seed=3)
+def test_convert_inception_from_pth(tmp_path, random_inception_state):
+    state = random_inception_state(seed=3)
     state["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
     state["fc.weight"] = torch.zeros(1008, 2048)
     pth = tmp_path / PUBLIC_WEIGHTS_NAME
@@ -128,46 +96,6 @@ def test_fid_pooling_quirks():
 
     x = torch.ones(1, 1, 4, 4)
     assert torch.allclose(_avg_pool(x), x)  # count_include_pad=True would give 4/9 in corners
-
-
-def _tiny_clip(folder):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from wadi.testing import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(folder / "tok", words=["a", "photo", "depicts", "cat"])
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=tokenizer.vocab_size + 2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    return _tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_transformers_clip_from_local_folder(clip_folder):

@@ -1,0 +1,206 @@
+"""``wadi eval generate | score | convert-inception``: the evaluation harness on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from wadi.eval.protocol import PROTOCOLS
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="generate images for a captions file and score FID / CLIP / precision-recall",
+        description="Evaluation on the COCO protocol of method.md section 6 (or a custom one).",
+    )
+    parser.set_defaults(func=lambda args: parser.print_help() or 1)
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    protocols = ", ".join(f"{k} ({v.description})" for k, v in PROTOCOLS.items())
+
+    def common(p):
+        p.add_argument(
+            "--captions",
+            required=True,
+            help="captions: .txt (one per line), "
+            ".json list, or a COCO captions_val20xx.json annotation file",
+        )
+        p.add_argument(
+            "--protocol",
+            default="coco2014-30k",
+            choices=sorted(PROTOCOLS),
+            help=f"one of: {protocols}",
+        )
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    gen = sub.add_parser("generate", help="one image per caption from a diffusers pipeline folder")
+    common(gen)
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="local diffusers pipeline folder (an exported one-step student or a teacher)",
+    )
+    gen.add_argument("--output-dir", required=True, help="images go here as {index:05d}.png")
+    gen.add_argument("--steps", type=int, default=1, help="sampling steps (1 for a student)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="CFG scale; <= 1 disables guidance (student: 0; SD teacher: 3)",
+    )
+    gen.add_argument("--resolution", type=int, default=512, help="square image side in pixels")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--batch-size", type=int, default=16)
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float16 / bfloat16 / float32 (default: float16 on GPU, float32 on CPU)",
+    )
+    gen.set_defaults(func=_generate)
+
+    score = sub.add_parser("score", help="FID, precision/recall and CLIP score of an image folder")
+    common(score)
+    score.add_argument("--images", required=True, help="folder written by `wadi eval generate`")
+    score.add_argument("--reference", help="reference image folder (val2014 / val2017)")
+    score.add_argument("--metrics", default="fid,pr,clip", help="comma list of fid, pr, clip")
+    score.add_argument(
+        "--extractor",
+        default="inception",
+        help="features for FID and precision/recall: inception or digits",
+    )
+    score.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="FID Inception-v3 safetensors (see `wadi eval convert-inception`); "
+        "default ~/.cache/wadi/pt_inception-2015-12-05.safetensors",
+    )
+    score.add_argument("--clip-model", type=Path, help="local transformers CLIP folder")
+    score.add_argument(
+        "--open-clip-model",
+        help="open_clip model name, e.g. ViT-g-14 "
+        "(needs open_clip installed and --open-clip-weights)",
+    )
+    score.add_argument("--open-clip-weights", type=Path, help="local open_clip .safetensors file")
+    score.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="square side after centre crop (default: the protocol's 256; 0 keeps the crop size)",
+    )
+    score.add_argument("--k", type=int, default=3, help="neighbours of precision/recall")
+    score.add_argument(
+        "--cache-dir", type=Path, default=Path("~/.cache/wadi/eval"), help="reference feature cache"
+    )
+    score.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    score.add_argument("--batch-size", type=int, default=64)
+    score.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    score.add_argument("--device", default=None, help="default: cuda when available")
+    score.add_argument("--output", type=Path, help="result JSON (default IMAGES/scores.json)")
+    score.set_defaults(func=_score)
+
+    conv = sub.add_parser(
+        "convert-inception",
+        help="one-time conversion of pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
+    )
+    conv.add_argument("source", type=Path, help="the downloaded .pth file")
+    conv.add_argument(
+        "target",
+        type=Path,
+        nargs="?",
+        default=Path("~/.cache/wadi/pt_inception-2015-12-05.safetensors"),
+    )
+    conv.add_argument("--debug", action="store_true")
+    conv.set_defaults(func=_convert)
+
+
+def _captions(args):
+    from wadi.eval.protocol import get_protocol, load_captions
+
+    protocol = get_protocol(args.protocol)
+    return protocol, load_captions(args.captions, protocol)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from wadi.eval.generate import generate_images
+
+    protocol, captions = _captions(args)
+    record = generate_images(
+        args.model,
+        captions,
+        args.output_dir,
+        steps=args.steps,
+        guidance=args.guidance,
+        resolution=args.resolution,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        protocol=protocol.name,
+    )
+    print(
+        f"{len(captions)} images in {args.output_dir} "
+        f"({record['skipped_finished']} were already there)"
+    )
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from wadi.eval.extractors import load_extractor
+    from wadi.eval.score import METRICS, save_record, score_images
+
+    protocol, captions = _captions(args)
+    if args.resize is not None:
+        protocol = protocol.with_resize(args.resize or None)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(
+            f"unknown metric {bad[0]!r} in --metrics; choose from {', '.join(METRICS)}"
+        )
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = clip = None
+    if {"fid", "pr"} & set(metrics):
+        if not args.reference:
+            raise ValueError("FID and precision/recall need --reference DIR (e.g. val2014)")
+        extractor = load_extractor(args.extractor, weights=args.inception_weights, device=device)
+        if args.resize is None and extractor.default_resize != protocol.resize:
+            protocol = protocol.with_resize(extractor.default_resize)
+    if "clip" in metrics:
+        clip = load_extractor(
+            "clip",
+            folder=args.clip_model,
+            open_clip_model=args.open_clip_model,
+            open_clip_weights=args.open_clip_weights,
+            device=device,
+        )
+    record = score_images(
+        args.images,
+        captions,
+        protocol,
+        reference_dir=args.reference,
+        metrics=metrics,
+        extractor=extractor,
+        clip_extractor=clip,
+        k=args.k,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    output = args.output or Path(args.images) / "scores.json"
+    save_record(record, output)
+    print(json.dumps(record["results"], indent=2))
+    print(f"full record: {output}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from wadi.eval.inception import convert_inception_weights, file_sha256
+
+    out = convert_inception_weights(args.source, args.target)
+    print(f"wrote {out} (sha256 {file_sha256(out)})")
+    return 0

@@ -1,0 +1,162 @@
+"""``wadi eval score``: FID, precision/recall and CLIP score of a generated image folder.
+
+Generated images are matched to captions by index (``00042.png`` is caption 42); both
+they and the reference images go through the protocol's centre crop + LANCZOS resize;
+reference features are cached by a hash of the protocol.  The result JSON records every
+knob, including the generation sidecar when the folder has one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wadi.eval.generate import SIDECAR
+from wadi.eval.metrics import clip_score, frechet_distance, precision_recall
+from wadi.eval.protocol import (
+    Captions,
+    Protocol,
+    extract_features,
+    list_images,
+    reference_features,
+    write_json,
+)
+
+METRICS = ("fid", "pr", "clip")
+DEFAULT_CACHE_DIR = Path("~/.cache/wadi/eval")
+
+
+def match_images_to_captions(images_dir: str | Path, captions: Captions) -> list[Path]:
+    """Image paths in caption order; each caption index must have exactly one image."""
+    files = list_images(images_dir)
+    if len(files) != len(captions):
+        raise ValueError(
+            f"{captions.source} has {len(captions)} captions but {images_dir} holds "
+            f"{len(files)} images; finish generation (`wadi eval generate` resumes) "
+            "or pass the captions file the images were made from"
+        )
+    by_index = {}
+    for path in files:
+        if not path.stem.isdigit():
+            raise ValueError(
+                f"{path.name} in {images_dir} is not named by caption index (00042.png)"
+            )
+        by_index[int(path.stem)] = path
+    missing = [i for i in range(len(captions)) if i not in by_index]
+    if missing:
+        raise ValueError(
+            f"{images_dir} has no image for caption {missing[0]} ({len(missing)} missing)"
+        )
+    return [by_index[i] for i in range(len(captions))]
+
+
+def _check_generation(images_dir: Path, captions: Captions) -> dict | None:
+    sidecar = images_dir / SIDECAR
+    if not sidecar.is_file():
+        return None
+    generation = json.loads(sidecar.read_text())
+    used = generation.get("captions", {}).get("list_sha256")
+    if used and used != captions.list_sha256:
+        raise ValueError(
+            f"{images_dir} was generated from other captions than {captions.source} "
+            f"(see {SIDECAR}); pass the captions file it names"
+        )
+    return generation
+
+
+def score_images(
+    images_dir: str | Path,
+    captions: Captions,
+    protocol: Protocol,
+    *,
+    reference_dir: str | Path | None = None,
+    metrics: tuple[str, ...] = METRICS,
+    extractor=None,
+    clip_extractor=None,
+    k: int = 3,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    batch_size: int = 64,
+    workers: int = 4,
+) -> dict:
+    """Compute the requested metrics; return the full record (results + every knob).
+
+    ``extractor`` gives the features of FID and precision/recall (Inception-v3 for the
+    COCO protocol, the digits evaluator for the toy demo); ``clip_extractor`` the CLIP
+    embeddings.  Both are :class:`wadi.eval.extractors.FeatureExtractor` objects.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric {sorted(unknown)[0]!r}; choose from {', '.join(METRICS)}")
+    images_dir = Path(images_dir).expanduser()
+    paths = match_images_to_captions(images_dir, captions)
+    generation = _check_generation(images_dir, captions)
+    record: dict = {
+        "images": str(images_dir),
+        "num_images": len(paths),
+        "protocol": protocol.to_dict(),
+        "captions": captions.describe(),
+        "generation": generation,
+        "results": {},
+    }
+    start = time.time()
+    if {"fid", "pr"} & set(metrics):
+        if extractor is None or reference_dir is None:
+            raise ValueError(
+                "FID and precision/recall need a feature extractor and --reference DIR"
+            )
+        ref, ref_record = reference_features(
+            extractor, reference_dir, protocol, cache_dir, batch_size, workers
+        )
+        ref_record["folder"] = str(Path(reference_dir).expanduser())
+        if (
+            protocol.reference_count
+            and ref_record["key"]["reference_count"] != protocol.reference_count
+        ):
+            ref_record["warning"] = (
+                f"{protocol.name} expects {protocol.reference_count} reference images, "
+                f"found {ref_record['key']['reference_count']}"
+            )
+        gen = extract_features(
+            extractor,
+            paths,
+            protocol.resize,
+            batch_size,
+            workers,
+            desc=f"generated {extractor.name}",
+        )
+        record["extractor"] = extractor.describe()
+        record["reference"] = ref_record
+        if "fid" in metrics:
+            record["results"]["fid"] = frechet_distance(gen, ref)
+        if "pr" in metrics:
+            precision, recall = precision_recall(ref, gen, k=k)
+            record["results"].update(precision=precision, recall=recall)
+            record["pr_k"] = k
+    if "clip" in metrics:
+        if clip_extractor is None:
+            raise ValueError("the CLIP score needs a CLIP model: pass --clip-model DIR")
+        img = extract_features(
+            clip_extractor, paths, protocol.resize, batch_size, workers, desc="generated clip"
+        )
+        texts = [protocol.clip_prefix + t for t in captions.texts]
+        txt = np.concatenate(
+            [
+                clip_extractor.text_features(texts[s : s + batch_size])
+                for s in range(0, len(texts), batch_size)
+            ]
+        )
+        record["results"]["clip_score"] = clip_score(img, txt)
+        record["clip"] = {
+            **clip_extractor.describe(),
+            "prefix": protocol.clip_prefix,
+            "score": "mean over captions of max(cos(image, text), 0), unscaled (0-1)",
+        }
+    record["seconds"] = round(time.time() - start, 1)
+    return record
+
+
+def save_record(record: dict, path: str | Path) -> Path:
+    return write_json(Path(path).expanduser(), record)
