@@ -1,0 +1,202 @@
+"""Export a merged one-step student as a stock diffusers pipeline folder.
+
+The folder holds the merged denoiser, the teacher's VAE, text encoder and
+tokenizer, and a DDIM scheduler set up so that ONE step from t = 999 is
+exactly the one-step generator of method.md section 3:
+``timestep_spacing="trailing"`` (the single timestep is 999),
+``set_alpha_to_one=True`` (the step lands on abar = 1, i.e. x0), no clipping
+or thresholding.  ``pipe(prompt, num_inference_steps=1, guidance_scale=1.0)``
+then equals :func:`wadi.backbones.onestep.one_step`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import Backbone, atomic_directory
+from .onestep import alpha_bar_from_scheduler, check_alpha_bar
+
+__all__ = ["one_step_scheduler", "save_pipeline", "export_student", "DTYPES", "parse_dtype"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"`` / ``"bf16"`` / ``"fp32"`` (or a torch dtype) as a torch dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def one_step_scheduler(teacher_scheduler, alpha_bar_T: float | None = None):
+    """A ``DDIMScheduler`` whose single step from t = 999 is the one-step generator.
+
+    With ``alpha_bar_T`` different from the teacher's abar at t = 999, the last
+    trained beta is changed so that the scheduler's ``alphas_cumprod[999]``
+    equals ``alpha_bar_T`` (to float32 precision); the other betas are the teacher's.
+    """
+    from diffusers import DDIMScheduler
+
+    config = dict(teacher_scheduler.config)
+    settings = dict(
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+        thresholding=False,
+        steps_offset=1,  # unused by trailing spacing; 1 keeps StableDiffusionPipeline quiet
+        rescale_betas_zero_snr=False,
+        prediction_type=config.get("prediction_type", "epsilon"),
+    )
+    betas = torch.as_tensor(teacher_scheduler.betas, dtype=torch.float32).clone()
+    num = betas.shape[0]
+    if num != 1000:
+        raise ValueError(f"the teacher's scheduler has {num} training timesteps; wadi expects 1000")
+    if alpha_bar_T is not None:
+        target = check_alpha_bar(alpha_bar_T)
+        if target != alpha_bar_from_scheduler(teacher_scheduler, num - 1):
+            previous = float(torch.cumprod(1.0 - betas, 0)[num - 2].to(torch.float64))
+            last = 1.0 - target / previous
+            if last < 0:
+                warnings.warn(
+                    f"alpha_bar_T={target} is above the teacher's abar at t=998 ({previous:.3g}); "
+                    "the exported scheduler's last beta is negative, which is exact for 1-step "
+                    "sampling only",
+                    stacklevel=2,
+                )
+            betas[num - 1] = last
+            settings["trained_betas"] = betas.tolist()
+    scheduler = DDIMScheduler.from_config(config, **settings)
+    if alpha_bar_T is not None:
+        got = alpha_bar_from_scheduler(scheduler, num - 1)
+        if abs(got - alpha_bar_T) > 1e-6 * alpha_bar_T:
+            raise RuntimeError(f"could not set abar_999 to {alpha_bar_T} (got {got})")
+    return scheduler
+
+
+def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite every floating tensor in ``*.safetensors`` under ``directory`` to ``dtype``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(directory.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                tensors[key] = t.to(dtype) if t.is_floating_point() else t
+        save_file(tensors, str(path), metadata=metadata)
+    for config in directory.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = str(dtype).removeprefix("torch.")
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_pipeline(
+    backbone: Backbone,
+    denoiser: nn.Module,
+    directory: str | os.PathLike,
+    alpha_bar_T: float | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write a stock diffusers pipeline folder with ``denoiser`` (merged, plain modules).
+
+    The folder is built under a temporary name next to ``directory`` and
+    renamed into place at the end; an existing ``directory`` is replaced only
+    then.  ``dtype`` casts the saved weights (the modules in memory are unchanged).
+    Pixel-space teachers (no VAE) get the same layout without ``vae/``; they
+    load with :func:`wadi.backbones.load_backbone`.
+    """
+    from wadi.lorad import lorad_layers
+
+    if any(True for _ in lorad_layers(denoiser)):
+        raise ValueError(
+            "the denoiser still holds LoRaD wrappers; call wadi.lorad.merge_and_unload(denoiser, "
+            "name) before saving a pipeline"
+        )
+    dtype = parse_dtype(dtype)
+    scheduler = one_step_scheduler(backbone.scheduler, alpha_bar_T)
+    pipeline_cls, components = backbone._pipeline_components(denoiser, scheduler)
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        if backbone.vae is None:
+            _save_pixel_pipeline(tmp, backbone, components)
+        else:
+            pipeline_cls(**components).save_pretrained(tmp, safe_serialization=True)
+        if dtype is not None:
+            _cast_safetensors(tmp, dtype)
+        info = {
+            "teacher": str(backbone.path) if backbone.path else None,
+            "kind": backbone.kind,
+            "alpha_bar_T": alpha_bar_from_scheduler(scheduler, 999),
+            "num_inference_steps": 1,
+            "guidance_scale": 1.0,
+        }
+        (tmp / "wadi_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return directory
+
+
+def _save_pixel_pipeline(tmp: Path, backbone: Backbone, components: dict) -> None:
+    import diffusers
+
+    names = {"unet": "unet", "transformer": "transformer"}
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+    for key in ("text_encoder", "tokenizer", "scheduler", *names):
+        module = components.get(key)
+        if module is None:
+            continue
+        module.save_pretrained(tmp / key)
+        index[key] = [type(module).__module__.split(".")[0], type(module).__name__]
+    index["vae"] = [None, None]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_student(
+    teacher: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    alpha_bar_T: float | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Load ``teacher``, merge the LoRaD student adapter in ``adapter_dir``, save the pipeline to ``out``.
+
+    Refuses to replace a non-empty ``out`` unless ``overwrite``; ``out`` is only
+    touched once the new folder is complete.
+    """
+    from wadi.lorad import load_adapter, merge_and_unload
+
+    from .registry import load_backbone
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    dtype = parse_dtype(dtype)
+    if alpha_bar_T is not None:
+        check_alpha_bar(alpha_bar_T)
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} not found")
+    backbone = load_backbone(teacher, dtype=torch.float32, device=device)
+    load_adapter(backbone.denoiser, adapter_dir, "student")
+    denoiser = merge_and_unload(backbone.denoiser, "student")
+    return save_pipeline(backbone, denoiser, out, alpha_bar_T, dtype=dtype)

@@ -1,0 +1,189 @@
+"""Sample PNGs: one step from an exported pipeline or teacher + adapter, or many from the teacher.
+
+Noise for prompt ``i`` comes from a CPU generator seeded ``seed + i``, so an
+image depends only on its prompt, its index and the seed: not on the batch
+size, the device or which route (stock pipeline or wadi) produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["seeded_noise", "to_pil", "generate_images"]
+
+
+def seeded_noise(indices: Sequence[int], seed: int, shape: tuple[int, ...]) -> Tensor:
+    """``(len(indices), *shape)`` standard normal noise, row ``k`` from seed ``seed + indices[k]``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator("cpu").manual_seed(int(seed) + int(i)) for i in indices]
+    return randn_tensor((len(generators), *shape), generator=generators, dtype=torch.float32)
+
+
+def to_pil(image: Tensor):
+    """One ``(C, H, W)`` image in [0, 1] as a PIL image (L for 1 channel, RGB for 3)."""
+    from PIL import Image
+
+    array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    array = (array * 255).round().astype(np.uint8)
+    if array.shape[2] == 1:
+        return Image.fromarray(array[:, :, 0], mode="L")
+    return Image.fromarray(array)
+
+
+def _save_png(image: Tensor, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    to_pil(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def generate_images(
+    prompts: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    pipeline: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    steps: int = 1,
+    guidance: float | None = None,
+    resolution: int | None = None,
+    alpha_bar_T: float | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``out/00000.png ...`` and ``out/images.jsonl`` (file, prompt, seed) for ``prompts``.
+
+    Routes: ``pipeline`` (an exported folder, run by the stock diffusers
+    pipeline in one step); ``teacher`` + ``adapter`` (wadi's one-step
+    generator); ``teacher`` alone with ``steps > 1`` (DDIM with CFG, default 3.0).
+    """
+    from tqdm.auto import tqdm
+
+    if (pipeline is None) == (teacher is None):
+        raise ValueError("give exactly one of --pipeline (exported folder) or --teacher")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be positive, got {steps}, {batch_size}")
+    if steps > 1 and (pipeline is not None or adapter is not None):
+        raise ValueError(
+            "--steps > 1 samples the multi-step teacher: use --teacher without --adapter "
+            "(the one-step student runs with --steps 1)"
+        )
+    if steps == 1 and guidance not in (None, 1.0):
+        raise ValueError(
+            "--guidance applies to multi-step teacher sampling (--steps > 1); the one-step "
+            "student takes none"
+        )
+    if guidance is None:
+        guidance = 1.0 if steps == 1 else 3.0
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(
+            f"{out} already exists and is not empty; pass --overwrite to write into it"
+        )
+
+    if pipeline is not None and not Path(pipeline).is_dir():
+        raise FileNotFoundError(f"pipeline folder {pipeline} not found")
+    if pipeline is not None and (Path(pipeline) / "vae").is_dir():
+        sampler = _stock_runner(pipeline, device, dtype, resolution)
+    else:
+        sampler = _wadi_runner(
+            pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    records = []
+    bar = tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        indices = list(range(start, start + len(batch)))
+        images = sampler(batch, indices, seed)
+        for i, prompt, image in zip(indices, batch, images):
+            path = out / f"{i:05d}.png"
+            _save_png(image, path)
+            written.append(path)
+            records.append({"file": path.name, "prompt": prompt, "seed": seed + i})
+        bar.update(len(batch))
+    bar.close()
+    tmp = out / ".images.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, out / "images.jsonl")
+    return written
+
+
+def _stock_runner(folder, device, dtype, resolution):
+    """Run the exported folder with its stock diffusers pipeline, one step, no guidance."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    factor = pipe.vae_scale_factor
+    size = (resolution or denoiser.config.sample_size * factor) // factor
+    channels = denoiser.config.in_channels
+    extra = {}
+    if type(pipe).__name__.startswith("PixArt"):
+        extra = {"use_resolution_binning": False, "clean_caption": False}
+
+    def sample(batch, indices, seed):
+        z = seeded_noise(indices, seed, (channels, size, size)).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            images = pipe(
+                list(batch),
+                num_inference_steps=1,
+                guidance_scale=1.0,
+                latents=z,
+                height=size * factor,
+                width=size * factor,
+                output_type="pt",
+                **extra,
+            ).images
+        return images.float().cpu()
+
+    return sample
+
+
+def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution):
+    """Teacher (+ LoRaD adapter) through :mod:`wadi.backbones`: one_step or DDIM with CFG."""
+    from .onestep import alpha_bar_from_scheduler, one_step
+    from .registry import load_backbone
+    from .sampling import sample_multistep
+
+    backbone = load_backbone(folder, dtype=dtype, device=device)
+    if adapter is not None:
+        from wadi.lorad import load_adapter
+
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter folder {adapter} not found")
+        load_adapter(backbone.denoiser, adapter, "student")
+    a = alpha_bar_T if alpha_bar_T is not None else alpha_bar_from_scheduler(backbone.scheduler)
+    sample_size = backbone.denoiser.config.sample_size
+    size = backbone.latent_size(resolution) if resolution else sample_size
+    null = backbone.encode_prompts([""]) if steps > 1 else None
+
+    def sample(batch, indices, seed):
+        z = seeded_noise(indices, seed, (backbone.latent_channels, size, size))
+        z = z.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            cond = backbone.encode_prompts(list(batch))
+            if steps == 1:
+                x0 = one_step(backbone, z, cond, a)
+            else:
+                x0 = sample_multistep(backbone, cond, null, z, steps=steps, guidance=guidance)
+            images = backbone.decode(x0)
+        return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+    return sample
