@@ -15,6 +15,7 @@ from wadi.analysis.weights import (
     norm_change,
     rank_at_fraction,
     rank_for_energy,
+    residual_energy_spectrum,
     residual_singular_values,
     summarize,
     swap,
@@ -116,9 +117,13 @@ def test_rank_k_residual_holds_all_energy_at_rank_k():
     t, s = torch.from_numpy(wt), torch.from_numpy(ws)
     energy = cumulative_energy(residual_singular_values(t, s))
     np.testing.assert_allclose(energy.numpy(), cumulative_energy_ref(wt, ws), rtol=1e-10)
+    fast = cumulative_energy(residual_energy_spectrum(t, s), squared=True)
+    np.testing.assert_allclose(fast.numpy(), cumulative_energy_ref(wt, ws), atol=1e-13)
     assert float(energy[k - 1]) == pytest.approx(1.0, abs=1e-12)
+    assert float(fast[k - 1]) == pytest.approx(1.0, abs=1e-12)
     assert float(energy[k - 2]) < 1.0 - 1e-6
     assert rank_for_energy(energy, 1.0) == k
+    assert rank_for_energy(fast, 1.0) == k
     assert rank_for_energy(energy, 0.9) <= k
     assert rank_for_energy(energy, 0.9) == int(np.argmax(cumulative_energy_ref(wt, ws) >= 0.9)) + 1
     # 15 % of full rank 20 is rank 3: all the energy; 10 % is rank 2: less
