@@ -189,11 +189,11 @@ def tiny_pixart_transformer(sample_size: int = 8, caption_channels: int = 16, se
     _seeded(seed)
     return PixArtTransformer2DModel(
         num_attention_heads=2,
-        attention_head_dim=8,
+        attention_head_dim=12,  # inner dim 24: divisible by 3 for the resolution embedding
         in_channels=4,
         out_channels=8,
         num_layers=2,
-        cross_attention_dim=16,
+        cross_attention_dim=24,
         sample_size=sample_size,
         patch_size=2,
         caption_channels=caption_channels,
@@ -278,3 +278,23 @@ def make_tiny_pixel_teacher(
     )
     _scheduler("DDPMScheduler", SD_SCHEDULE).save_pretrained(directory / "scheduler")
     return directory
+
+
+def attach_random_adapter(
+    denoiser, preset_name: str, name: str = "student", rank: int = 2, std: float = 0.3, seed=0
+):
+    """Attach a small LoRaD adapter (``preset_name`` at ``rank``) with random non-zero angles.
+
+    Both factors are drawn from N(0, std^2) with a fixed seed, so the adapter
+    changes the model (a freshly attached one is the identity).  Returns ``denoiser``.
+    """
+    import torch
+
+    from wadi import lorad
+
+    lorad.attach(denoiser, lorad.preset(preset_name, rank=rank), name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in lorad.adapter_parameters(denoiser, name):
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return denoiser
