@@ -183,7 +183,7 @@ def test_swap_keeps_the_input_format(tmp_path, teacher_dir, student_dir):
 def test_student_adapter_on_the_teacher(tmp_path, teacher_dir):
     from diffusers import UNet2DConditionModel
 
-    from wadi.lorad import LoRaDConfig, attach, save_adapter
+    from wadi.lorad import LoRaDConfig, attach, load_adapter, merge_and_unload, save_adapter
 
     model = UNet2DConditionModel.from_pretrained(teacher_dir)
     attach(model, LoRaDConfig(rank=2, target_modules=["to_q", "to_k", "to_v"]), "s")
@@ -212,8 +212,34 @@ def test_student_adapter_on_the_teacher(tmp_path, teacher_dir):
     assert changed and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") for n in changed)
     assert report["summary"]["changed_layers_count"] == len(changed)
     assert max(x["norm_change_mean"] for x in report["layers"]) < 1e-4
-    # the swap of an adapter student is a full model in the base's format
-    assert (out / "swap-norm" / "diffusion_pytorch_model.safetensors").is_file()
+    # the swap of an adapter student is a full model in the base's format; a rotation keeps
+    # norms, so the norm swap is the merged student itself and the direction swap the teacher
+    swapped = load_file(out / "swap-norm" / "diffusion_pytorch_model.safetensors")
+    teacher = load_file(teacher_dir / "diffusion_pytorch_model.safetensors")
+    model = UNet2DConditionModel.from_pretrained(teacher_dir)
+    load_adapter(model, tmp_path / "adapter", "s")
+    merged = merge_and_unload(model, "s").state_dict()
+    for key, value in swapped.items():
+        torch.testing.assert_close(value, merged[key], rtol=1e-5, atol=1e-6)
+    out2 = tmp_path / "out2"
+    args = ["--out", str(out2), "--quiet", "--no-plots", "--no-svd", "--swap", "direction"]
+    rc = main(["analyze", str(teacher_dir), "--student-adapter", str(tmp_path / "adapter"), *args])
+    assert rc == 0
+    swapped = load_file(out2 / "swap-direction" / "diffusion_pytorch_model.safetensors")
+    for key, value in swapped.items():
+        torch.testing.assert_close(value, teacher[key], rtol=1e-5, atol=1e-6)
+
+
+def test_energy_fraction_is_configurable(tmp_path, teacher_dir, student_dir):
+    for fraction in ("1.0", "0.05"):
+        out = tmp_path / fraction
+        args = ["--out", str(out), "--quiet", "--no-plots", "--energy-fraction", fraction]
+        assert main(["analyze", str(teacher_dir), str(student_dir), *args]) == 0
+    full = _report(tmp_path / "1.0")
+    low = _report(tmp_path / "0.05")
+    assert full["summary"]["energy_fraction"] == 1.0
+    assert all(x["energy_at_fraction"] == pytest.approx(100.0) for x in full["layers"])
+    assert low["summary"]["energy_at_fraction_mean"] < full["summary"]["energy_at_fraction_mean"]
 
 
 def test_mismatch_is_one_clear_line_and_exit_2(tmp_path, teacher_dir, capsys):
