@@ -59,6 +59,14 @@ def test_frechet_distance_identical_and_rank_deficient():
     assert np.isfinite(value) and value > 0
     # symmetric in its arguments even when singular
     assert frechet_distance(b, a) == pytest.approx(value, rel=1e-8)
+    # the n x n shortcut used for n < D equals the D x D eigendecomposition route
+    full = frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
+    assert value == pytest.approx(full, rel=1e-9)
+    # one side low-rank, the other full rank: still the D x D answer
+    c = rng.normal(size=(200, 64))
+    full = frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(c))
+    assert frechet_distance(a, c) == pytest.approx(full, rel=1e-9)
+    assert frechet_distance(c, a) == pytest.approx(full, rel=1e-9)
 
 
 def test_frechet_distance_rejects_mismatched_dims():

@@ -50,15 +50,25 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
+def _clip_eigenvalues(eigvals: np.ndarray) -> np.ndarray:
+    """Zero the eigenvalues that are round-off (below ``D * eps * max``), keep the rest.
+
+    The square root amplifies noise: 1e-16 becomes 1e-8 per direction, so a singular
+    covariance would otherwise bias the trace by about ``D * 1e-8``.
+    """
+    tol = eigvals.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(eigvals).max()), 1e-300)
+    return np.where(eigvals > tol, eigvals, 0.0)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix via ``eigh``.
 
-    Tiny negative eigenvalues from round-off are clipped to zero, so the result is
+    Round-off eigenvalues (tiny, or negative) are set to zero, so the result is
     real and symmetric even for rank-deficient covariances (fewer samples than dims).
     """
     sym = (matrix + matrix.T) / 2
     eigvals, eigvecs = np.linalg.eigh(sym)
-    eigvals = np.clip(eigvals, 0.0, None)
+    eigvals = _clip_eigenvalues(eigvals)
     return (eigvecs * np.sqrt(eigvals)) @ eigvecs.T
 
 
@@ -84,7 +94,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     sqrt1 = _psd_sqrt(sigma1)
     middle = sqrt1 @ sigma2 @ sqrt1
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    tr_covmean = np.sqrt(_clip_eigenvalues(eig)).sum()
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean
     # round-off can make identical distributions give -1e-12
@@ -92,10 +102,31 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance(features_a, features_b) -> float:
-    """Frechet distance between the Gaussian fits of two ``(N, D)`` feature sets."""
-    mu1, s1 = gaussian_stats(features_a)
-    mu2, s2 = gaussian_stats(features_b)
-    return frechet_distance_from_stats(mu1, s1, mu2, s2)
+    """Frechet distance between the Gaussian fits of two ``(N, D)`` feature sets.
+
+    With fewer samples than dimensions on one side (``n < D``), the trace term uses the
+    exact n x n form: the non-zero eigenvalues of ``S1^(1/2) S2 S1^(1/2)`` are those of
+    ``A S2 A^T / (n - 1)`` where ``A`` holds the centred samples of that side, so no
+    D x D eigendecomposition is needed.
+    """
+    a = _as_float64(features_a, "features_a")
+    b = _as_float64(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"statistics do not match: features of size {a.shape[1]} and {b.shape[1]} "
+            "(features of different extractors?)"
+        )
+    mu1, s1 = gaussian_stats(a)
+    mu2, s2 = gaussian_stats(b)
+    if min(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance_from_stats(mu1, s1, mu2, s2)
+    small, other_sigma = (a - mu1, s2) if len(a) <= len(b) else (b - mu2, s1)
+    gram = small @ other_sigma @ small.T / (len(small) - 1)
+    eig = np.linalg.eigvalsh((gram + gram.T) / 2)
+    tr_covmean = np.sqrt(_clip_eigenvalues(eig)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
+    return float(max(value, 0.0))
 
 
 def _pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
