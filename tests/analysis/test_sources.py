@@ -9,7 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from wadi.analysis.report import analyze, check_compatible, is_layer_weight, select_layers
+from wadi.analysis.report import (
+    analyze,
+    check_compatible,
+    is_layer_weight,
+    natural_key,
+    select_layers,
+)
 from wadi.analysis.sources import open_source
 from wadi.analysis.swap import StreamingSafetensorsWriter
 
@@ -221,7 +227,8 @@ def test_analysis_streams_matching_numpy(teacher_dir, student_dir):
     wt = load_file(teacher_dir / "diffusion_pytorch_model.safetensors")
     ws = load_file(student_dir / "diffusion_pytorch_model.safetensors")
     names = [k[: -len(".weight")] for k in wt if is_layer_weight(k, tuple(wt[k].shape))]
-    assert [x.name for x in report.layers] == names
+    assert sorted(x.name for x in report.layers) == sorted(names)
+    assert [x.name for x in report.layers] == sorted(names, key=natural_key)
     for layer in report.layers:
         a, b = wt[layer.name + ".weight"].numpy(), ws[layer.name + ".weight"].numpy()
         assert layer.norm_change_mean == pytest.approx(norm_change_ref(a, b).mean() * 100, rel=1e-9)

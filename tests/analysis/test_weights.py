@@ -254,3 +254,16 @@ def test_direction_change_is_stable_for_tiny_angles():
     got = direction_change(torch.from_numpy(t), torch.from_numpy(s)).numpy()
     np.testing.assert_allclose(got, 1 - np.cos(phi), rtol=1e-4)
     assert math.isfinite(float(got.sum()))
+
+
+def test_natural_layer_order():
+    from wadi.analysis.report import natural_key
+
+    names = ["up_blocks.10.a", "up_blocks.2.a", "down_blocks.0.b", "conv_in", "up_blocks.2"]
+    assert sorted(names, key=natural_key) == [
+        "conv_in",
+        "down_blocks.0.b",
+        "up_blocks.2",
+        "up_blocks.2.a",
+        "up_blocks.10.a",
+    ]

@@ -131,7 +131,7 @@ def _svd_energy(report, path: Path) -> Path:
     if mean is not None:
         ax.axhline(mean, color="black", lw=1, ls="--", label=f"mean {mean:.1f} %")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel("layer (model order)")
+    ax.set_xlabel("layer (report order: names sorted, numbers as numbers)")
     ax.set_ylabel(f"energy at {frac:g} % of full rank (%)")
     ax.set_ylim(0, 102)
     ax.set_title("residual W_s - W_t: SVD energy per layer")

@@ -230,9 +230,13 @@ def analyze(
             writer.abort()
         if bar is not None:
             bar.close()
-    order = {k[: -len(".weight")]: i for i, k in enumerate(layers_t)}
-    report.layers.sort(key=lambda x: order[x.name])
+    report.layers.sort(key=lambda x: natural_key(x.name))
     return report
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``blocks.2`` before ``blocks.10`` (the order of the report)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _json_safe(value):
