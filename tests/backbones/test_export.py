@@ -156,3 +156,14 @@ def test_export_student_refuses_to_overwrite(teacher_dirs, tmp_path):
     assert (out / "model_index.json").is_file() and not (out / "precious.txt").exists()
     with pytest.raises(FileNotFoundError, match="adapter folder"):
         export_student(teacher_dirs["sd-eps"], tmp_path / "missing", tmp_path / "o2")
+
+
+def test_save_pipeline_from_a_backbone_without_text_encoder(teacher_dirs, tmp_path):
+    """Training from precomputed embeddings: export reads text encoder + tokenizer from the teacher."""
+    ref, _, _ = _student_and_reference(teacher_dirs["pixart"])
+    b = load_backbone(teacher_dirs["pixart"], load_text_encoder=False)
+    attach_random_adapter(b.denoiser, b.student_preset, rank=2, seed=3)  # same angles as ref
+    out = b.save_pipeline(lorad.merge_and_unload(b.denoiser, "student"), tmp_path / "pipe")
+    assert b.text_encoder is None  # nothing kept in memory
+    got, _ = _run_stock(PixArtAlphaPipeline, out)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
