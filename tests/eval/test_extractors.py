@@ -32,17 +32,72 @@ def test_inception_weights_round_trip_and_2048_features(inception_file):
     assert not torch.allclose(feats[0], feats[1])  # different images, different features
 
 
-def test_inception_extractor_uint8_pipeline(inception_file):
-    ext = load_extractor("inception", weights=inception_file)
+def test_inception_extractor_both_resizes(inception_file):
     images = np.random.default_rng(0).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
-    feats = ext.features(images)
-    ref = ext.model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+
+    torchfid = load_extractor("inception", weights=inception_file, inception_resize="pytorch-fid")
+    feats = torchfid.features(images)
+    ref = torchfid.model(x.float() / 255).numpy()
     assert feats.shape == (2, 2048) and feats.dtype == np.float32
     np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
-    info = ext.describe()
+
+    clean = load_extractor("inception", weights=inception_file)  # clean-fid by default
+    assert clean.resize == "clean"
+    resized = torch.from_numpy(_bicubic_reference(images, 299)).permute(0, 3, 1, 2)
+    ref = clean.model.features_from_normalized(((resized - 128) / 128).float()).numpy()
+    np.testing.assert_allclose(clean.features(images), ref, rtol=1e-3, atol=1e-4)
+    assert not np.allclose(clean.features(images), feats, rtol=1e-3)  # the two resizes differ
+
+    info = clean.describe()
     assert (
         info["weights_sha256"] == file_sha256(inception_file) and len(info["weights_sha256"]) == 64
     )
+    assert info["resize"] == "clean" and torchfid.describe()["input"] != info["input"]
+    with pytest.raises(ValueError, match="unknown Inception resize"):
+        load_extractor("inception", weights=inception_file, inception_resize="nearest")
+
+
+def _cubic(x, a=-0.5):
+    x = np.abs(x)
+    return np.where(
+        x < 1,
+        ((a + 2) * x - (a + 3)) * x * x + 1,
+        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0),
+    )
+
+
+def _bicubic_matrix(n_in, n_out):
+    """Float64 resampling matrix of PIL's BICUBIC upsampling (half-pixel centres,
+    taps cut at the border and renormalised)."""
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - 2 + 0.5), 0), min(int(centre + 2 + 0.5), n_in)
+        j = np.arange(lo, hi)
+        w = _cubic(j + 0.5 - centre)
+        m[i, lo:hi] = w / w.sum()
+    return m
+
+
+def _bicubic_reference(images, size):
+    """clean-fid's resize written independently: separable float64 bicubic, clip 0-255."""
+    h, w = images.shape[1:3]
+    mh, mw = _bicubic_matrix(h, size), _bicubic_matrix(w, size)
+    out = np.einsum("ih,bhwc,jw->bijc", mh, images.astype(np.float64), mw)
+    return out.clip(0, 255)
+
+
+def test_clean_resize_matches_float64_bicubic():
+    from wadi.eval.inception import clean_resize
+
+    images = np.random.default_rng(5).integers(0, 256, size=(2, 23, 31, 3), dtype=np.uint8)
+    got = clean_resize(images, 50)
+    assert got.shape == (2, 50, 50, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _bicubic_reference(images, 50), atol=2e-3)
+    flat = np.full((1, 20, 20, 3), 77, np.uint8)
+    np.testing.assert_allclose(clean_resize(flat, 299), 77.0, atol=1e-4)
 
 
 def test_missing_inception_weights_names_the_public_file(tmp_path):

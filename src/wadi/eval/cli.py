@@ -76,6 +76,13 @@ def register(subparsers) -> None:
         help="FID Inception-v3 safetensors (see `wadi eval convert-inception`); "
         "default ~/.cache/wadi/pt_inception-2015-12-05.safetensors",
     )
+    score.add_argument(
+        "--inception-resize",
+        default="clean",
+        choices=["clean", "pytorch-fid"],
+        help="how images reach 299 px: clean-fid's PIL bicubic (default, the "
+        "field's COCO numbers) or pytorch-fid's torch bilinear",
+    )
     score.add_argument("--clip-model", type=Path, help="local transformers CLIP folder")
     score.add_argument(
         "--open-clip-model",
@@ -167,7 +174,12 @@ def _score(args: argparse.Namespace) -> int:
     if {"fid", "pr"} & set(metrics):
         if not args.reference:
             raise ValueError("FID and precision/recall need --reference DIR (e.g. val2014)")
-        extractor = load_extractor(args.extractor, weights=args.inception_weights, device=device)
+        extractor = load_extractor(
+            args.extractor,
+            weights=args.inception_weights,
+            inception_resize=args.inception_resize,
+            device=device,
+        )
         if args.resize is None and extractor.default_resize != protocol.resize:
             protocol = protocol.with_resize(extractor.default_resize)
     if "clip" in metrics:

@@ -96,39 +96,66 @@ class FeatureExtractor:
         raise NotImplementedError
 
 
+INCEPTION_RESIZES = {
+    "clean": "clean-fid: uint8 -> per-channel float PIL BICUBIC 299x299, clip 0-255, "
+    "(x - 128) / 128, float32",
+    "pytorch-fid": "pytorch-fid: RGB [0,1] -> torch bilinear 299x299 (align_corners=False), "
+    "2x - 1, float32",
+}
+
+
 class InceptionExtractor(FeatureExtractor):
-    """FID Inception-v3 pool features (2048-d) from a local safetensors file."""
+    """FID Inception-v3 pool features (2048-d) from a local safetensors file.
+
+    ``resize`` chooses how images reach 299 x 299: ``"clean"`` (default; clean-fid, the
+    tool behind the COCO numbers of method.md §6) or ``"pytorch-fid"``.
+    """
 
     name = "inception"
 
-    def __init__(self, weights: str | Path | None = None, device: str = "cpu", **_):
+    def __init__(
+        self, weights: str | Path | None = None, device: str = "cpu", resize: str = "clean", **_
+    ):
         import torch
 
         from wadi.eval.inception import DEFAULT_WEIGHTS_PATH, file_sha256, load_inception
 
+        if resize not in INCEPTION_RESIZES:
+            raise ValueError(
+                f"unknown Inception resize {resize!r}; choose {' or '.join(INCEPTION_RESIZES)}"
+            )
+        self.resize = resize
         self.weights = Path(weights or DEFAULT_WEIGHTS_PATH).expanduser()
         self.model = load_inception(self.weights, device=device)
         self.device = torch.device(device)
         self.sha256 = file_sha256(self.weights)
 
-    def features(self, images) -> np.ndarray:
+    def _run(self, x):
         import torch
 
-        images = _check_images(images)
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         # TF32 convolutions would shift FID; keep full float32 like the reference implementations
-        cudnn_tf32, matmul_tf32 = (
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cuda.matmul.allow_tf32,
-        )
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with torch.inference_mode():
-                out = self.model(x)
+                if self.resize == "clean":
+                    return self.model.features_from_normalized(x)
+                return self.model(x)
         finally:
-            torch.backends.cudnn.allow_tf32 = cudnn_tf32
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        return out.float().cpu().numpy()
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+    def features(self, images) -> np.ndarray:
+        import torch
+
+        from wadi.eval.inception import INPUT_SIZE, clean_resize
+
+        images = _check_images(images)
+        if self.resize == "clean":
+            resized = clean_resize(images, INPUT_SIZE)
+            x = (torch.from_numpy(resized).permute(0, 3, 1, 2) - 128.0) / 128.0
+        else:
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        return self._run(x.to(self.device)).float().cpu().numpy()
 
     def describe(self) -> dict:
         return {
@@ -136,7 +163,8 @@ class InceptionExtractor(FeatureExtractor):
             "architecture": "FID Inception-v3 (TF 2015-12-05 graph), 2048-d pool",
             "weights": str(self.weights),
             "weights_sha256": self.sha256,
-            "input": "RGB [0,1] -> bilinear 299x299 (align_corners=False) -> [-1,1], float32",
+            "resize": self.resize,
+            "input": INCEPTION_RESIZES[self.resize],
         }
 
 
@@ -321,8 +349,8 @@ class DigitsExtractor(FeatureExtractor):
 
 
 @register_extractor("inception")
-def _inception(weights=None, device="cpu", **options):
-    return InceptionExtractor(weights=weights, device=device)
+def _inception(weights=None, device="cpu", inception_resize="clean", **options):
+    return InceptionExtractor(weights=weights, device=device, resize=inception_resize)
 
 
 @register_extractor("clip")

@@ -7,7 +7,10 @@ of pytorch-fid's public ``pt_inception-2015-12-05-6726825d.pth`` fits after a on
 conversion to safetensors (:func:`convert_inception_weights`).  Weights are never
 downloaded: the user names a local file.
 
-Output: the 2048-d pool features used for FID and precision/recall.
+Output: the 2048-d pool features used for FID and precision/recall.  Two ways to bring
+an image to 299 x 299 are offered (:class:`wadi.eval.extractors.InceptionExtractor`):
+clean-fid's (PIL bicubic on float channels, ``(x - 128) / 128``), which the field's
+COCO numbers use, and pytorch-fid's (torch bilinear, ``2 x - 1``).
 """
 
 from __future__ import annotations
@@ -193,7 +196,10 @@ class FIDInceptionV3(nn.Module):
             x = F.interpolate(
                 x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
             )
-        x = 2 * x - 1
+        return self.features_from_normalized(2 * x - 1)
+
+    def features_from_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool features of images already resized and mapped to the graph's [-1, 1] range."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -213,6 +219,26 @@ class FIDInceptionV3(nn.Module):
         ):
             x = getattr(self, name)(x)
         return x.mean(dim=(2, 3))
+
+
+def clean_resize(images, size: int | None = None):
+    """clean-fid's resize: each channel as a float32 PIL image, BICUBIC to ``size``, clip 0-255.
+
+    ``images`` are uint8 ``(B, H, W, 3)``; returns float32 ``(B, size, size, 3)`` in
+    [0, 255], unquantised (Parmar et al. 2022, "On aliased resizing and surprising
+    subtleties in GAN evaluation").
+    """
+    import numpy as np
+    from PIL import Image
+
+    size = size or INPUT_SIZE
+    out = np.empty((len(images), size, size, 3), dtype=np.float32)
+    for b, image in enumerate(images):
+        for c in range(3):
+            channel = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+            channel = channel.resize((size, size), resample=Image.Resampling.BICUBIC)
+            out[b, :, :, c] = np.asarray(channel).clip(0, 255)
+    return out
 
 
 def missing_weights_message(path: str | Path) -> str:
