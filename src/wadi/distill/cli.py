@@ -1,0 +1,99 @@
+"""``wadi distill``: run WaDi from a YAML config and/or flags."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (config key, type, help)
+FLAGS = {
+    "--teacher": ("teacher", str, "teacher: a local diffusers pipeline folder"),
+    "--prompts": ("prompts", str, "prompt file: .txt, .jsonl, .csv or .parquet"),
+    "--prompt-column": ("prompt_column", str, "column of a .csv/.parquet prompt file"),
+    "--embeddings": (
+        "embeddings",
+        str,
+        "folder written by `wadi embed` (no text encoder in memory)",
+    ),
+    "--output-dir": ("output_dir", str, "where checkpoints and final/ go"),
+    "--max-steps": ("max_steps", int, "training iterations (paper: ~22k)"),
+    "--batch-size": ("batch_size", int, "prompts per process per step (paper: 16)"),
+    "--resolution": ("resolution", int, "image side in pixels (SD 512, PixArt 256)"),
+    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--keep-checkpoints": ("keep_checkpoints", int, "how many checkpoints to keep"),
+    "--seed": ("seed", int, "random seed"),
+    "--adapter": ("adapter", str, "student adapter: lorad (paper), lora, dora or full"),
+    "--student-rank": ("student_rank", int, "student rank (default: preset, 256 U-Net / 128 DiT)"),
+    "--fake-rank": ("fake_rank", int, "fake-score LoRaD rank (default 32)"),
+    "--lr-student": ("lr_student", float, "student learning rate (1e-4)"),
+    "--lr-fake": ("lr_fake", float, "fake-score learning rate (1e-2)"),
+    "--guidance-scale": ("guidance_scale", float, "CFG scale of teacher and fake score (1.5)"),
+    "--alpha-bar-T": (
+        "alpha_bar_T",
+        float,
+        "abar at T for the generator (default: teacher's scheduler)",
+    ),
+    "--mixed-precision": (
+        "mixed_precision",
+        str,
+        "no, fp16 or bf16 (the frozen base is stored in it)",
+    ),
+    "--optimizer": ("optimizer", str, "adamw or adamw8bit (bitsandbytes)"),
+    "--ema-decay": ("ema_decay", float, "EMA of the student (off by default)"),
+    "--validate-every": ("validate_every", int, "steps between validation grids"),
+    "--log-every": ("log_every", int, "steps between TensorBoard points"),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "distill",
+        help="distill a multi-step teacher into a one-step generator (WaDi)",
+        description="VSD with a LoRaD student and a LoRaD fake score on one shared frozen base.",
+    )
+    p.add_argument("--config", help="YAML file of DistillConfig knobs; flags override it")
+    for flag, (key, typ, text) in FLAGS.items():
+        p.add_argument(flag, dest=key, type=typ, default=None, help=text)
+    p.add_argument(
+        "--validation-prompt", dest="validation_prompts", action="append", help="repeatable"
+    )
+    p.add_argument(
+        "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
+    )
+    p.add_argument("--no-export", dest="export_pipeline", action="store_false", default=None)
+    p.add_argument("--resume", help="'latest' or a checkpoint folder (step-*) to continue from")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def resolve_config(args):
+    from .config import DistillConfig
+
+    base = DistillConfig.load(args.config).to_dict() if args.config else DistillConfig().to_dict()
+    keys = [key for key, _, _ in FLAGS.values()] + [
+        "validation_prompts",
+        "gradient_checkpointing",
+        "export_pipeline",
+    ]
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    return DistillConfig.from_dict(base)
+
+
+def run(args) -> int:
+    config = resolve_config(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    from .train import train
+
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.final_dir is not None:
+        print(
+            f"wadi distill: {result.steps} steps ({result.skipped_steps} skipped), "
+            f"{result.seconds_per_step:.3f} s/step; results in {result.final_dir}"
+        )
+    return 0

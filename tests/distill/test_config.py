@@ -1,0 +1,71 @@
+import pytest
+
+from wadi.cli import main
+from wadi.distill import DistillConfig, batch_indices
+
+
+def test_paper_defaults():
+    c = DistillConfig()
+    assert (c.lr_student, c.lr_fake, c.guidance_scale, c.max_grad_norm) == (1e-4, 1e-2, 1.5, 1.0)
+    assert (c.generator_t_min, c.generator_t_max, c.null_prompt_prob) == (20, 980, 0.1)
+    assert c.adam_betas == (0.9, 0.999) and c.weight_decay == 0 and c.ema_decay is None
+    assert c.alpha_bar_T is None  # read from the teacher's scheduler
+
+
+def test_yaml_round_trip(tmp_path):
+    c = DistillConfig(
+        teacher="t", prompts="p.txt", adapter="dora", alpha_bar_T=0.0047, validation_prompts=["a"]
+    )
+    c.save(tmp_path / "c.yaml")
+    assert DistillConfig.load(tmp_path / "c.yaml") == c
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(adapter="lokr"), "adapter must be one of"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(generator_t_min=990), "generator_t_min <= generator_t_max"),
+        (dict(alpha_bar_T=1.5), r"alpha_bar_T must be in \(0, 1\)"),
+        (dict(null_prompt_prob=2.0), "null_prompt_prob"),
+        (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
+    ],
+)
+def test_out_of_range_values(change, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**change)
+
+
+def test_unknown_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("teacher: x\nlearning_rate: 3\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
+        DistillConfig.load(tmp_path / "c.yaml")
+
+
+def test_cli_flags_override_yaml(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("teacher: a\nmax_steps: 10\nseed: 3\n")
+    assert (
+        main(
+            ["distill", "--config", str(tmp_path / "c.yaml"), "--max-steps", "7", "--print-config"]
+        )
+        == 0
+    )
+    printed = DistillConfig.from_yaml(capsys.readouterr().out)
+    assert (printed.teacher, printed.max_steps, printed.seed) == ("a", 7, 3)
+
+
+def test_cli_bad_value_is_one_line(capsys):
+    assert main(["distill", "--teacher", "t", "--batch-size", "0", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "batch_size must be >= 1" in err
+
+
+def test_batch_indices_partition_each_epoch_across_processes():
+    n, batch, world = 10, 2, 2
+    seen = []
+    for step in range(5):  # 5 steps x 4 prompts = 2 epochs
+        for rank in range(world):
+            seen += batch_indices(step, rank, world, batch, n, seed=1)
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # a new permutation each epoch
+    assert batch_indices(3, 1, 2, 2, 10, 1) == batch_indices(3, 1, 2, 2, 10, 1)
