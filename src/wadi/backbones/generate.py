@@ -84,6 +84,8 @@ def generate_images(
             "--guidance applies to multi-step teacher sampling (--steps > 1); the one-step "
             "student takes none"
         )
+    if pipeline is not None and alpha_bar_T is not None:
+        raise ValueError("an exported pipeline already holds its alpha_bar_T; drop --alpha-bar-T")
     if guidance is None:
         guidance = 1.0 if steps == 1 else 3.0
     prompts = list(prompts)
