@@ -32,7 +32,8 @@ def test_inception_weights_round_trip_and_2048_features(inception_file):
     assert not torch.allclose(feats[0], feats[1])  # different images, different features
 
 
-def test_inception_extractor_both_resizes(inception_file):
+def test_inception_extractor_both_resizes(inception_file, monkeypatch):
+    monkeypatch.setattr("wadi.eval.inception.INPUT_SIZE", 96)  # 299 in use; 96 keeps CPU time low
     images = np.random.default_rng(0).integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).double()
 
@@ -44,7 +45,7 @@ def test_inception_extractor_both_resizes(inception_file):
 
     clean = load_extractor("inception", weights=inception_file)  # clean-fid by default
     assert clean.resize == "clean"
-    resized = torch.from_numpy(_bicubic_reference(images, 299)).permute(0, 3, 1, 2)
+    resized = torch.from_numpy(_bicubic_reference(images, 96)).permute(0, 3, 1, 2)
     ref = clean.model.features_from_normalized(((resized - 128) / 128).float()).numpy()
     np.testing.assert_allclose(clean.features(images), ref, rtol=1e-3, atol=1e-4)
     assert not np.allclose(clean.features(images), feats, rtol=1e-3)  # the two resizes differ
@@ -185,3 +186,44 @@ def test_registry_lists_and_rejects():
     assert {"inception", "clip", "digits"} <= set(available_extractors())
     with pytest.raises(ValueError, match="unknown feature extractor"):
         load_extractor("vgg")
+
+
+def test_digits_extractor_uses_the_toy_evaluator_lazily(monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeEvaluator(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 5)
+
+        def features(self, x):
+            seen["x"] = x
+            return self.proj(x.flatten(1))
+
+    module = types.ModuleType("wadi.toy.evaluator")
+    module.load_evaluator = FakeEvaluator
+    monkeypatch.setitem(sys.modules, "wadi.toy.evaluator", module)
+    ext = load_extractor("digits")
+    assert ext.default_resize is None
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    images[0] = 255
+    images[1, :, :, 0] = 255  # mean of RGB: 85 -> -1 + 85/127.5
+    feats = ext.features(images)
+    assert feats.shape == (3, 5)
+    x = seen["x"]
+    assert x.shape == (3, 1, 16, 16)
+    assert torch.allclose(x[0], torch.tensor(1.0)) and torch.allclose(x[2], torch.tensor(-1.0))
+    assert torch.allclose(x[1], torch.tensor(85 / 127.5 - 1))
+    assert len(ext.describe()["weights_sha256"]) == 64
+    assert ext.features(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 5)  # resized to 16
+
+
+def test_digits_extractor_without_the_toy_module(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wadi.toy.evaluator", None)  # import fails
+    with pytest.raises(ValueError, match="wadi.toy.evaluator"):
+        load_extractor("digits")

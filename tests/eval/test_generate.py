@@ -98,3 +98,32 @@ def test_generate_clear_errors(tmp_path, captions):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="model_index.json"):
         generate_images(tmp_path / "empty", captions, tmp_path / "o", **KNOBS)
+
+
+def test_generate_cli_then_resume(tiny_sd, tmp_path, capsys):
+    from wadi.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CAPTIONS[:3]) + "\n")
+    out = tmp_path / "cli"
+    args = [
+        "eval", "generate", "--protocol", "custom", "--captions", str(captions),
+        "--model", str(tiny_sd), "--output-dir", str(out), "--steps", "1",
+        "--resolution", "16", "--dtype", "float32", "--batch-size", "2", "--seed", "3",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+    side = json.loads((out / SIDECAR).read_text())
+    assert (side["steps"], side["guidance"], side["seed"], side["protocol"]) == (
+        1,
+        0.0,
+        3,
+        "custom",
+    )
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(3 were already there)" in capsys.readouterr().out
+    # a COCO protocol with a 3-line captions file is refused with the fix in one line
+    assert main([a if a != "custom" else "coco2017-5k" for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs 5000" in err and "--protocol custom" in err and "\n" not in err

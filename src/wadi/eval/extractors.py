@@ -315,6 +315,8 @@ class DigitsExtractor(FeatureExtractor):
         try:
             from wadi.toy.evaluator import load_evaluator
         except ModuleNotFoundError as err:
+            if err.name and not "wadi.toy.evaluator".startswith(err.name):
+                raise  # the evaluator exists but something it imports is missing
             raise ValueError(
                 "the digits extractor needs wadi.toy.evaluator, which this install lacks"
             ) from err

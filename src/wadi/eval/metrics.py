@@ -135,7 +135,7 @@ def _pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(sq, 0.0, None)
 
 
-def manifold_radii(features, k: int = 3, batch_size: int = 4096) -> np.ndarray:
+def manifold_radii(features, k: int = 3, batch_size: int = 1024) -> np.ndarray:
     """Distance of each sample to its k-th nearest neighbour in the same set (self excluded).
 
     These are the radii of the hyperspheres whose union estimates the manifold.
@@ -152,34 +152,30 @@ def manifold_radii(features, k: int = 3, batch_size: int = 4096) -> np.ndarray:
     return radii
 
 
-def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch_size: int):
-    """Fraction of ``points`` inside at least one ball ``(centres[i], radii[i])``."""
-    inside = 0
-    sq_radii = radii**2
-    for start in range(0, points.shape[0], batch_size):
-        sq = _pairwise_sq_distances(points[start : start + batch_size], centres)
-        inside += int(np.any(sq <= sq_radii[None, :], axis=1).sum())
-    return inside / points.shape[0]
-
-
 def precision_recall(
-    real_features, fake_features, k: int = 3, batch_size: int = 4096
+    real_features, fake_features, k: int = 3, batch_size: int = 1024
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     Precision: fraction of generated samples inside the real manifold (union of balls
     around each real sample with radius = distance to its k-th nearest real neighbour).
     Recall: fraction of real samples inside the generated manifold, defined likewise.
+    Both come from one pass over the generated-to-real distances, ``batch_size`` rows
+    at a time (memory ~ ``batch_size * N_real * 8`` bytes).
     """
     real = _as_float64(real_features, "real features")
     fake = _as_float64(fake_features, "generated features")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: real {real.shape[1]}, generated {fake.shape[1]}")
-    real_radii = manifold_radii(real, k, batch_size)
-    fake_radii = manifold_radii(fake, k, batch_size)
-    precision = _coverage(fake, real, real_radii, batch_size)
-    recall = _coverage(real, fake, fake_radii, batch_size)
-    return precision, recall
+    sq_real_radii = manifold_radii(real, k, batch_size) ** 2
+    sq_fake_radii = manifold_radii(fake, k, batch_size) ** 2
+    fake_inside = 0
+    real_covered = np.zeros(real.shape[0], dtype=bool)
+    for start in range(0, fake.shape[0], batch_size):
+        sq = _pairwise_sq_distances(fake[start : start + batch_size], real)  # (b, N_real)
+        fake_inside += int(np.any(sq <= sq_real_radii[None, :], axis=1).sum())
+        real_covered |= np.any(sq <= sq_fake_radii[start : start + batch_size, None], axis=0)
+    return fake_inside / fake.shape[0], float(real_covered.mean())
 
 
 def clip_score(image_embeds, text_embeds, clamp: bool = True) -> float:
