@@ -237,3 +237,14 @@ def test_analysis_streams_matching_numpy(teacher_dir, student_dir):
         energy = cumulative_energy_ref(a, b)
         k = max(1, int(np.ceil(0.3 * min(a.shape[0], a[0].size) - 1e-9)))
         assert layer.energy_at_fraction == pytest.approx(energy[k - 1] * 100, rel=1e-9)
+
+
+def test_without_swaps_only_layer_weights_are_read(teacher_dir, student_dir):
+    read = []
+    with open_source(teacher_dir) as t, open_source(student_dir) as s:
+        real_get = s.get
+        s.get = lambda key: read.append(key) or real_get(key)
+        report = analyze(t, s, svd=False)
+    assert sorted(read) == sorted(x.name + ".weight" for x in report.layers)
+    assert any(k.endswith("norm1.weight") for k in report.skipped)
+    assert not any(k.endswith(".bias") for k in report.skipped)

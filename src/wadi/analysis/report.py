@@ -84,6 +84,7 @@ class Report:
             "student": self.student,
             "summary": summary,
             "swaps": self.swaps,
+            "skipped_weights": self.skipped,
             "layers": [x.to_dict() for x in self.layers],
         }
 
@@ -201,11 +202,13 @@ def analyze(
         bar = tqdm(total=len(layers), desc="layers", unit="layer", dynamic_ncols=True)
     try:
         for key in student.keys():
-            s = student.get(key)
             if key not in layers:
-                for writer in writers.values():
-                    writer.write(key, s)
+                if writers:  # other tensors are read only to copy them into the swapped models
+                    s = student.get(key)
+                    for writer in writers.values():
+                        writer.write(key, s)
                 continue
+            s = student.get(key)
             t = teacher.get(key)
             name = key[: -len(".weight")]
             stats = layer_stats(
