@@ -227,3 +227,17 @@ def test_digits_extractor_without_the_toy_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "wadi.toy.evaluator", None)  # import fails
     with pytest.raises(ValueError, match="wadi.toy.evaluator"):
         load_extractor("digits")
+
+
+def test_digits_extractor_with_the_real_toy_classifier(tmp_path):
+    evaluator = pytest.importorskip("wadi.toy.evaluator")
+    torch.manual_seed(0)
+    model = evaluator.DigitClassifier()
+    folder = evaluator.save_evaluator(model, tmp_path / "evaluator")
+    ext = load_extractor("digits", weights=folder)
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    grey = torch.from_numpy(images.mean(-1, dtype=np.float64)).float()[:, None] / 127.5 - 1
+    with torch.no_grad():
+        expected = model.eval().features(grey).numpy()
+    np.testing.assert_allclose(ext.features(images), expected, rtol=1e-5, atol=1e-6)
+    assert str(folder) in ext.describe()["model"]

@@ -77,6 +77,13 @@ def register(subparsers) -> None:
         "default ~/.cache/wadi/pt_inception-2015-12-05.safetensors",
     )
     score.add_argument(
+        "--extractor-weights",
+        type=Path,
+        default=None,
+        help="weights of another --extractor (digits: an evaluator folder; "
+        "default: the one shipped with wadi)",
+    )
+    score.add_argument(
         "--inception-resize",
         default="clean",
         choices=["clean", "pytorch-fid"],
@@ -176,7 +183,9 @@ def _score(args: argparse.Namespace) -> int:
             raise ValueError("FID and precision/recall need --reference DIR (e.g. val2014)")
         extractor = load_extractor(
             args.extractor,
-            weights=args.inception_weights,
+            weights=(
+                args.inception_weights if args.extractor == "inception" else args.extractor_weights
+            ),
             inception_resize=args.inception_resize,
             device=device,
         )

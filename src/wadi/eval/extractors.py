@@ -309,7 +309,7 @@ class DigitsExtractor(FeatureExtractor):
     name = "digits"
     default_resize = None
 
-    def __init__(self, device: str = "cpu", **_):
+    def __init__(self, weights: str | Path | None = None, device: str = "cpu", **_):
         import torch
 
         try:
@@ -321,7 +321,8 @@ class DigitsExtractor(FeatureExtractor):
                 "the digits extractor needs wadi.toy.evaluator, which this install lacks"
             ) from err
         self.device = torch.device(device)
-        self.model = load_evaluator()
+        self.weights = weights
+        self.model = load_evaluator(weights) if weights else load_evaluator()
         if hasattr(self.model, "to"):
             self.model = self.model.to(self.device)
         if hasattr(self.model, "eval"):
@@ -344,7 +345,7 @@ class DigitsExtractor(FeatureExtractor):
     def describe(self) -> dict:
         return {
             "name": self.name,
-            "model": "wadi.toy.evaluator.load_evaluator()",
+            "model": f"wadi.toy.evaluator.load_evaluator({self.weights or ''})",
             "weights_sha256": self.sha256,
             "input": "grey = mean of RGB, 16x16 (bilinear, antialias), [-1,1]",
         }
@@ -363,5 +364,5 @@ def _clip(folder=None, open_clip_model=None, open_clip_weights=None, device="cpu
 
 
 @register_extractor("digits")
-def _digits(device="cpu", **options):
-    return DigitsExtractor(device=device)
+def _digits(weights=None, device="cpu", **options):
+    return DigitsExtractor(weights=weights, device=device)
