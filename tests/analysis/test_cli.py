@@ -178,6 +178,17 @@ def test_swap_keeps_the_input_format(tmp_path, teacher_dir, student_dir):
     assert (swapped_pipe / "unet" / "config.json").is_file()
     got = load_file(swapped_pipe / "unet" / "diffusion_pytorch_model.safetensors")
     assert got.keys() == load_file(s_file).keys()
+    # --out inside the pipeline: earlier outputs are not copied into the new swap
+    out = pipe / "analysis"
+    args = ["--out", str(out), "--swap", "norm", "--quiet", "--no-plots", "--no-svd"]
+    for _ in range(2):
+        assert main(["analyze", str(teacher_dir), str(pipe), *args]) == 0
+    assert not (out / "swap-norm" / "analysis").exists()
+    assert sorted(p.name for p in (out / "swap-norm").iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "unet",
+    ]
 
 
 def test_student_adapter_on_the_teacher(tmp_path, teacher_dir):

@@ -171,7 +171,9 @@ class ModelWriter:
         try:
             if layout.kind == "pipeline":
                 model_dir = self._tmp_dir / layout.subfolder
-                self._copy_pipeline_rest(layout.path, layout.subfolder, self._tmp_dir)
+                self._copy_pipeline_rest(
+                    layout.path, layout.subfolder, self._tmp_dir, skip=self.target.parent
+                )
             else:
                 model_dir = self._tmp_dir
             model_dir.mkdir(parents=True, exist_ok=True)
@@ -186,10 +188,13 @@ class ModelWriter:
             raise
 
     @staticmethod
-    def _copy_pipeline_rest(root: Path, subfolder: str, dest: Path) -> None:
-        for src in root.rglob("*"):
+    def _copy_pipeline_rest(root: Path, subfolder: str, dest: Path, skip: Path) -> None:
+        """Link every file of the pipeline but its denoiser; ``skip`` (the output folder) is
+        left out in case it lies inside the pipeline."""
+        skip = skip.resolve()
+        for src in list(root.rglob("*")):
             rel = src.relative_to(root)
-            if rel.parts[0] == subfolder or src.is_dir():
+            if rel.parts[0] == subfolder or src.is_dir() or src.resolve().is_relative_to(skip):
                 continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(src, dest / rel)
