@@ -194,13 +194,15 @@ def analyze(
         skipped=[k for k in student.keys() if k.endswith(".weight") and k not in layers],
     )
     specs = [(k, student.dtype(k), tuple(student.shape(k))) for k in student.keys()]
-    writers = {kind: ModelWriter(student.layout, path, specs) for kind, path in swaps.items()}
+    writers: dict[str, ModelWriter] = {}
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(layers), desc="layers", unit="layer", dynamic_ncols=True)
     try:
+        for kind, path in swaps.items():
+            writers[kind] = ModelWriter(student.layout, path, specs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(layers), desc="layers", unit="layer", dynamic_ncols=True)
         for key in student.keys():
             if key not in layers:
                 if writers:  # other tensors are read only to copy them into the swapped models
