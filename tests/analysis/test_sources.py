@@ -150,6 +150,9 @@ def test_layer_selection():
     assert is_layer_weight("time_embedding.linear_1.weight", (4, 4))
     shapes = {"a.weight": (2, 2), "b.weight": (2, 2), "c.weight": (2, 2)}
     assert select_layers(shapes, shapes.get, include="a|b", exclude="b") == ["a.weight"]
+    mixed = {"lin.weight": (2, 2), "conv.weight": (2, 2, 1, 1)}
+    assert select_layers(mixed, mixed.get) == ["lin.weight", "conv.weight"]
+    assert select_layers(mixed, mixed.get, linear_only=True) == ["lin.weight"]
     with pytest.raises(ValueError, match="--include"):
         select_layers(shapes, shapes.get, include="(")
 

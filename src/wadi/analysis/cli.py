@@ -49,6 +49,9 @@ def register(subparsers) -> None:
         help="report the smallest rank holding this fraction of the energy (0.9)",
     )
     p.add_argument("--no-svd", action="store_true", help="skip the residual SVD (faster)")
+    p.add_argument(
+        "--linear-only", action="store_true", help="only Linear (2-D) weights, no Conv2d"
+    )
     p.add_argument("--include", metavar="REGEX", help="only layers whose weight name matches")
     p.add_argument("--exclude", metavar="REGEX", help="leave out layers whose weight name matches")
     p.add_argument(
@@ -104,6 +107,7 @@ def run(args) -> int:
             svd=not args.no_svd,
             include=args.include,
             exclude=args.exclude,
+            linear_only=args.linear_only,
             swaps=swaps,
             device=args.device,
             progress=not args.quiet,

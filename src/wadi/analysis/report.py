@@ -102,13 +102,15 @@ def select_layers(
     shape_of,
     include: str | None = None,
     exclude: str | None = None,
+    linear_only: bool = False,
 ) -> list[str]:
-    """The analysed weight keys among ``keys``, in order, after the name filters."""
+    """The analysed weight keys among ``keys``, in order, after the name and kind filters."""
     inc = _compile(include, "--include")
     exc = _compile(exclude, "--exclude")
     chosen = []
     for key in keys:
-        if not is_layer_weight(key, shape_of(key)):
+        shape = shape_of(key)
+        if not is_layer_weight(key, shape) or (linear_only and len(shape) != 2):
             continue
         if inc is not None and not inc.search(key):
             continue
@@ -164,6 +166,7 @@ def analyze(
     svd: bool = True,
     include: str | None = None,
     exclude: str | None = None,
+    linear_only: bool = False,
     swaps: dict[str, str | os.PathLike] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -183,8 +186,8 @@ def analyze(
     for kind in swaps:
         if kind not in SWAP_KINDS:
             raise ValueError(f"unknown swap {kind!r}: choose one of {', '.join(SWAP_KINDS)}")
-    layers_t = select_layers(teacher.keys(), teacher.shape, include, exclude)
-    layers_s = select_layers(student.keys(), student.shape, include, exclude)
+    layers_t = select_layers(teacher.keys(), teacher.shape, include, exclude, linear_only)
+    layers_s = select_layers(student.keys(), student.shape, include, exclude, linear_only)
     layers = set(check_compatible(teacher, student, layers_t, layers_s))
     report = Report(
         teacher=teacher.description,
