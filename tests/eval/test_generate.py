@@ -127,3 +127,30 @@ def test_generate_cli_then_resume(tiny_sd, tmp_path, capsys):
     assert main([a if a != "custom" else "coco2017-5k" for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs 5000" in err and "--protocol custom" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_generate_split_across_two_processes(tiny_sd, captions, tmp_path):
+    """Two CPU processes (torchrun; accelerate reads its env): the same images as one process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "wadi.cli", "eval", "generate", "--protocol", "custom",
+        "--captions", captions.source, "--model", str(tiny_sd), "--output-dir", str(out),
+        "--steps", "2", "--guidance", "3", "--resolution", "16", "--seed", "7",
+        "--dtype", "float32", "--batch-size", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((out / SIDECAR).read_text())["num_processes"] == 2
+    assert "generate [0]" in run.stderr and "generate [1]" in run.stderr
+    single = tmp_path / "one"
+    generate_images(tiny_sd, captions, single, batch_size=5, **KNOBS)
+    for i in range(len(CAPTIONS)):
+        a, b = _pixels(out / image_name(i, 5)), _pixels(single / image_name(i, 5))
+        assert np.abs(a - b).max() <= 1, i

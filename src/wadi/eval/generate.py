@@ -150,7 +150,9 @@ def generate_images(
             f"steps ({steps}), resolution ({resolution}) and batch size ({batch_size}) "
             "must be positive (resolution at least 8)"
         )
-    state = PartialState()
+    # several processes without CUDA (torchrun on CPUs): accelerate needs cpu=True to use gloo
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=multi_cpu or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true"))
     if dtype is None:  # half precision on accelerators, float32 on CPU
         dtype = "float32" if state.device.type == "cpu" else "float16"
     torch_dtype = parse_dtype(dtype)
@@ -184,10 +186,11 @@ def generate_images(
         "wadi": __version__,
     }
     sidecar = output_dir / SIDECAR
+    if sidecar.is_file():  # every process checks, so a refusal cannot leave others waiting
+        _check_sidecar(sidecar, knobs)
+    state.wait_for_everyone()
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if sidecar.is_file():
-            _check_sidecar(sidecar, knobs)
         write_json(sidecar, knobs)
     state.wait_for_everyone()
 
