@@ -49,6 +49,8 @@ class TrainResult:
     skipped_steps: int
     history: list[dict] = field(default_factory=list)
     seconds_per_step: float = float("nan")
+    student_state: dict = field(default_factory=dict)  # this process's trained tensors
+    fake_state: dict = field(default_factory=dict)
 
 
 # -- data order ---------------------------------------------------------------------------------
@@ -266,7 +268,10 @@ def train(
     config.check_inputs()
     state = PartialState()
     device, rank, world = state.device, state.process_index, state.num_processes
-    is_main = state.is_main_process
+    if dist.is_available() and dist.is_initialized():
+        # the launcher's process group is the truth (accelerate on CPU may report one process)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
     out = Path(config.output_dir)
 
     resume_from = prepare_output_dir(config, resume, overwrite)
@@ -417,11 +422,17 @@ def train(
         bar.close()
     if writer is not None:
         writer.close()
+    from wadi import lorad
+
+    student_state = {k: v.detach().clone() for k, v in roles.student_named_state().items()}
+    fake_state = {
+        k: v.detach().clone() for k, v in lorad.adapter_state_dict(roles.base, FAKE).items()
+    }
     final_dir = None
     if is_main:
         final_dir = _write_final(config, backbone, roles, ema, alpha_bar_T, out)
     _barrier()
-    return TrainResult(out, final_dir, step, skipped, history, seconds)
+    return TrainResult(out, final_dir, step, skipped, history, seconds, student_state, fake_state)
 
 
 def _ema_update(ema: dict, current: dict, decay: float) -> None:
