@@ -221,23 +221,29 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def clean_resize(images, size: int | None = None):
+def clean_resize(images, size: int | None = None, workers: int = 4):
     """clean-fid's resize: each channel as a float32 PIL image, BICUBIC to ``size``, clip 0-255.
 
     ``images`` are uint8 ``(B, H, W, 3)``; returns float32 ``(B, size, size, 3)`` in
     [0, 255], unquantised (Parmar et al. 2022, "On aliased resizing and surprising
-    subtleties in GAN evaluation").
+    subtleties in GAN evaluation").  Images are resized in ``workers`` threads.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from PIL import Image
 
     size = size or INPUT_SIZE
     out = np.empty((len(images), size, size, 3), dtype=np.float32)
-    for b, image in enumerate(images):
+
+    def one(b):
         for c in range(3):
-            channel = Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+            channel = Image.fromarray(images[b, :, :, c].astype(np.float32))  # mode "F"
             channel = channel.resize((size, size), resample=Image.Resampling.BICUBIC)
             out[b, :, :, c] = np.asarray(channel).clip(0, 255)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, range(len(images))))
     return out
 
 

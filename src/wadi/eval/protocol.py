@@ -192,16 +192,21 @@ def folder_listing_sha256(files: Sequence[Path]) -> str:
     return sha256_json([[p.name, p.stat().st_size] for p in files])
 
 
-def load_images(paths: Sequence[Path], size: int | None, workers: int = 4) -> np.ndarray:
-    """Decode and preprocess images to one uint8 array ``(B, S, S, 3)``."""
+def load_image(path: Path, size: int | None) -> np.ndarray:
+    """One image file as uint8 ``(S, S, 3)`` after the protocol's crop and resize."""
     from PIL import Image
 
-    def one(path):
-        with Image.open(path) as im:
-            return np.asarray(center_crop_resize(im, size))
+    with Image.open(path) as im:
+        return np.asarray(center_crop_resize(im, size))
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        arrays = list(pool.map(one, paths))
+
+def load_images(paths: Sequence[Path], size: int | None, workers: int = 4, pool=None) -> np.ndarray:
+    """Decode and preprocess images to one uint8 array ``(B, S, S, 3)`` (threads: PIL
+    releases the GIL while decoding and resizing)."""
+    if pool is None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as own:
+            return load_images(paths, size, pool=own)
+    arrays = list(pool.map(lambda p: load_image(p, size), paths))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(
@@ -218,13 +223,24 @@ def extract_features(
     workers: int = 4,
     desc: str = "features",
 ) -> np.ndarray:
-    """Features ``(N, D)`` of image files, in batches, with a progress bar."""
+    """Features ``(N, D)`` of image files, in batches, with a progress bar.
+
+    The next batch is decoded in background threads while the extractor runs.
+    """
     from tqdm.auto import tqdm
 
+    starts = list(range(0, len(paths), batch_size))
     out = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        batch = load_images(paths[start : start + batch_size], size, workers)
-        out.append(np.asarray(extractor.features(batch), dtype=np.float32))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
+
+        def submit(start):
+            return ahead.submit(load_images, paths[start : start + batch_size], size, pool=pool)
+
+        pending = submit(starts[0]) if starts else None
+        for i in tqdm(range(len(starts)), desc=desc, unit="batch"):
+            batch = pending.result()
+            pending = submit(starts[i + 1]) if i + 1 < len(starts) else None
+            out.append(np.asarray(extractor.features(batch), dtype=np.float32))
     return np.concatenate(out)
 
 
