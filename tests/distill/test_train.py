@@ -120,3 +120,33 @@ def test_bad_inputs_fail_with_one_clear_line(teachers, tmp_path):
         line = err.getvalue().strip().splitlines()[-1]  # loaders may draw progress bars before
         assert code == 2, line
         assert message in line and line.startswith("wadi distill: error:"), line
+
+
+@pytest.mark.parametrize("adapter", ["lorad", "dora"])
+def test_export_any_checkpoint_matches_final_pipeline(adapter, teachers, prompts, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from wadi.cli import main
+
+    config = tiny_config(
+        teachers["sd-eps"], prompts, tmp_path / "run", adapter=adapter, max_steps=2
+    )
+    result = train(config)
+    step = result.output_dir / "checkpoints" / "step-000002"
+    assert main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "exported")]) == 0
+    a = StableDiffusionPipeline.from_pretrained(result.final_dir / "pipeline")
+    b = StableDiffusionPipeline.from_pretrained(tmp_path / "exported")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    run = lambda p: (
+        p(
+            "a dog",
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            latents=z.clone(),
+            output_type="latent",
+        ).images
+    )  # noqa: E731
+    torch.testing.assert_close(run(a), run(b), rtol=1e-5, atol=1e-5)
+    assert (
+        main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "exported")]) == 2
+    )  # no overwrite

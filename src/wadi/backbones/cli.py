@@ -30,8 +30,13 @@ def register(subparsers) -> None:
             "wadi's one-step generator."
         ),
     )
-    p.add_argument("--teacher", required=True, help="diffusers pipeline folder of the teacher")
-    p.add_argument("--adapter", required=True, help="student LoRaD adapter folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", help="a run's final/ or checkpoints/step-* folder (any adapter)"
+    )
+    src.add_argument("--teacher", help="diffusers pipeline folder of the teacher (with --adapter)")
+    p.add_argument("--adapter", help="student LoRaD adapter folder (with --teacher)")
+    p.add_argument("--ema", action="store_true", help="with --checkpoint: export the EMA weights")
     p.add_argument("--out", required=True, help="output pipeline folder")
     p.add_argument(
         "--alpha-bar-T",
@@ -81,6 +86,16 @@ def register(subparsers) -> None:
 def _export(args) -> int:
     from .export import export_student
 
+    if args.checkpoint:
+        from wadi.distill.export import export_checkpoint
+
+        out = export_checkpoint(
+            args.checkpoint, args.out, use_ema=args.ema, dtype=args.dtype, overwrite=args.overwrite
+        )
+        print(f"wrote pipeline to {out}")
+        return 0
+    if not args.adapter:
+        raise ValueError("--teacher needs --adapter (a student LoRaD adapter folder)")
     out = export_student(
         args.teacher,
         args.adapter,
