@@ -241,3 +241,16 @@ def test_digits_extractor_with_the_real_toy_classifier(tmp_path):
         expected = model.eval().features(grey).numpy()
     np.testing.assert_allclose(ext.features(images), expected, rtol=1e-5, atol=1e-6)
     assert str(folder) in ext.describe()["model"]
+
+
+def test_convert_inception_cli(tmp_path, random_inception_state, capsys):
+    from wadi.cli import main
+
+    pth = tmp_path / PUBLIC_WEIGHTS_NAME
+    torch.save(random_inception_state(seed=4), pth)
+    out = tmp_path / "inc.safetensors"
+    assert main(["eval", "convert-inception", str(pth), str(out)]) == 0
+    assert file_sha256(out) in capsys.readouterr().out
+    assert main(["eval", "convert-inception", str(tmp_path / "missing.pth"), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.pth not found" in err and "pytorch-fid" in err and "\n" not in err
