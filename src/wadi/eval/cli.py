@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -214,6 +215,9 @@ def _score(args: argparse.Namespace) -> int:
     )
     output = args.output or Path(args.images) / "scores.json"
     save_record(record, output)
+    warning = record.get("reference", {}).get("warning")
+    if warning:
+        print(f"wadi eval score: warning: {warning}", file=sys.stderr)
     print(json.dumps(record["results"], indent=2))
     print(f"full record: {output}")
     return 0

@@ -93,7 +93,11 @@ def score_images(
     images_dir = Path(images_dir).expanduser()
     paths = match_images_to_captions(images_dir, captions)
     generation = _check_generation(images_dir, captions)
+    from wadi import __version__
+
     record: dict = {
+        "wadi": __version__,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "images": str(images_dir),
         "num_images": len(paths),
         "protocol": protocol.to_dict(),
