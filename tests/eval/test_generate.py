@@ -154,3 +154,24 @@ def test_generate_split_across_two_processes(tiny_sd, captions, tmp_path):
     for i in range(len(CAPTIONS)):
         a, b = _pixels(out / image_name(i, 5)), _pixels(single / image_name(i, 5))
         assert np.abs(a - b).max() <= 1, i
+
+
+def test_exported_one_step_student_images_equal_the_one_step_generator(tiny_sd, captions, tmp_path):
+    """A pipeline exported by wadi.backbones, run by `generate` with 1 step and no CFG, gives
+    the method's one-step sample x0 = (z - sqrt(1-a) eps(z, 999, c)) / sqrt(a) for z of seed + i."""
+    import torch
+
+    backbones = pytest.importorskip("wadi.backbones")
+    backbone = backbones.load_backbone(tiny_sd)
+    exported = backbone.save_pipeline(backbone.denoiser, tmp_path / "student")
+    out = tmp_path / "images"
+    generate_images(exported, captions, out, steps=1, guidance=0.0, resolution=16, seed=11,
+                    batch_size=5, dtype="float32")  # fmt: skip
+    a = backbones.alpha_bar_from_scheduler(backbone.scheduler)
+    for i in (0, 4):
+        z = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11 + i))
+        with torch.no_grad():
+            cond = backbone.encode_prompts([CAPTIONS[i]])
+            x = backbone.decode(backbones.one_step(backbone, z, cond, a))
+        expected = to_uint8((x / 2 + 0.5).permute(0, 2, 3, 1).numpy())[0].astype(np.int16)
+        assert np.abs(_pixels(out / image_name(i, 5)) - expected).max() <= 1, i
