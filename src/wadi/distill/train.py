@@ -243,6 +243,55 @@ def _clear_run(out: Path) -> None:
             path.unlink()
 
 
+# -- one iteration ------------------------------------------------------------------------------------
+
+
+def vsd_iteration(
+    backbone,
+    roles,
+    student,
+    fake,
+    cond,
+    null_cond,
+    shape,
+    abar,
+    alpha_bar_T,
+    config,
+    generator,
+    autocast,
+    step,
+):
+    """One WaDi iteration (steps 1-5 of the module docstring); returns losses, success flags, norms."""
+    from wadi.backbones import one_step
+
+    device = abar.device
+    # 1-4: generator update
+    z = torch.randn(shape, generator=generator, device=device)
+    with autocast(), roles.student():
+        x0 = one_step(backbone, z, cond, alpha_bar_T, config.generator_timestep)
+    t = sample_timesteps(len(z), config.generator_t_min, config.generator_t_max, generator, device)
+    eps = torch.randn(shape, generator=generator, device=device)
+    x_t = add_noise(x0.detach().float(), eps, abar[t])
+    with torch.no_grad(), autocast():
+        with roles.teacher():
+            eps_real = backbone.predict_eps_cfg(x_t, t, cond, null_cond, config.guidance_scale)
+        with roles.fake():
+            eps_fake = backbone.predict_eps_cfg(x_t, t, cond, null_cond, config.guidance_scale)
+    loss_g = generator_loss(x0, eps_real, eps_fake, abar[t])
+    ok_g, norm_g = student.run(loss_g, roles.student, step, config.warmup_steps)
+
+    # 5: fake-score update on the same x0, fresh noise and timesteps, 10 % null prompts
+    eps2 = torch.randn(shape, generator=generator, device=device)
+    t2 = sample_timesteps(len(z), config.fake_t_min, config.fake_t_max, generator, device)
+    keep = torch.rand(len(z), generator=generator, device=device) >= config.null_prompt_prob
+    x_t2 = add_noise(x0.detach().float(), eps2, abar[t2])
+    with autocast(), roles.fake():
+        eps_pred = backbone.predict_eps(x_t2, t2, cond.where(keep, null_cond))
+    loss_f = fake_score_loss(eps_pred, eps2, abar[t2])
+    ok_f, norm_f = fake.run(loss_f, roles.fake, step, config.warmup_steps)
+    return loss_g.detach(), loss_f.detach(), ok_g, norm_g, ok_f, norm_f
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 
 
@@ -262,7 +311,7 @@ def train(
     """
     from accelerate import PartialState
 
-    from wadi.backbones import alpha_bar_from_scheduler, load_backbone, one_step
+    from wadi.backbones import alpha_bar_from_scheduler, load_backbone
 
     config.validate()
     config.check_inputs()
@@ -344,33 +393,10 @@ def train(
         indices = batch_indices(step, rank, world, config.batch_size, data.size, config.seed)
         cond = data.get(indices)
 
-        # 1-4: generator update
-        z = torch.randn(shape, generator=generator, device=device)
-        with autocast(), roles.student():
-            x0 = one_step(backbone, z, cond, alpha_bar_T, config.generator_timestep)
-        t = sample_timesteps(
-            len(z), config.generator_t_min, config.generator_t_max, generator, device
-        )
-        eps = torch.randn(shape, generator=generator, device=device)
-        x_t = add_noise(x0.detach().float(), eps, abar[t])
-        with torch.no_grad(), autocast():
-            with roles.teacher():
-                eps_real = backbone.predict_eps_cfg(x_t, t, cond, null_cond, config.guidance_scale)
-            with roles.fake():
-                eps_fake = backbone.predict_eps_cfg(x_t, t, cond, null_cond, config.guidance_scale)
-        loss_g = generator_loss(x0, eps_real, eps_fake, abar[t])
-        ok_g, norm_g = student.run(loss_g, roles.student, step, config.warmup_steps)
-
-        # 5: fake-score update on the same x0, fresh noise and timesteps, 10 % null prompts
-        eps2 = torch.randn(shape, generator=generator, device=device)
-        t2 = sample_timesteps(len(z), config.fake_t_min, config.fake_t_max, generator, device)
-        keep = torch.rand(len(z), generator=generator, device=device) >= config.null_prompt_prob
-        x_t2 = add_noise(x0.detach().float(), eps2, abar[t2])
-        with autocast(), roles.fake():
-            eps_pred = backbone.predict_eps(x_t2, t2, cond.where(keep, null_cond))
-        loss_f = fake_score_loss(eps_pred, eps2, abar[t2])
-        ok_f, norm_f = fake.run(loss_f, roles.fake, step, config.warmup_steps)
-
+        loss_g, loss_f, ok_g, norm_g, ok_f, norm_f = vsd_iteration(
+            backbone, roles, student, fake, cond, null_cond, shape, abar, alpha_bar_T,
+            config, generator, autocast, step,
+        )  # fmt: skip
         step += 1
         steps_run += 1
         if ok_g and ok_f:
@@ -391,8 +417,8 @@ def train(
                 )
         record = {
             "step": step,
-            "loss_generator": float(loss_g.detach()),
-            "loss_fake": float(loss_f.detach()),
+            "loss_generator": float(loss_g),
+            "loss_fake": float(loss_f),
             "grad_norm_student": norm_g,
             "grad_norm_fake": norm_f,
             "skipped": skipped,
