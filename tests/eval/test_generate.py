@@ -90,6 +90,15 @@ def test_resume_with_other_knobs_is_refused(tiny_sd, captions, tmp_path):
     generate_images(tiny_sd, captions, out, batch_size=5, **KNOBS)
     with pytest.raises(ValueError, match="other settings \\(steps"):
         generate_images(tiny_sd, captions, out, **{**KNOBS, "steps": 3})
+    # the same captions from a moved file resume; other captions are refused
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_text("\n".join(CAPTIONS) + "\n")
+    custom = get_protocol("custom")
+    record = generate_images(tiny_sd, load_captions(moved, custom), out, batch_size=5, **KNOBS)
+    assert record["skipped_finished"] == 5
+    moved.write_text("\n".join(reversed(CAPTIONS)) + "\n")
+    with pytest.raises(ValueError, match="captions_list_sha256"):
+        generate_images(tiny_sd, load_captions(moved, custom), out, **KNOBS)
 
 
 def test_generate_clear_errors(tmp_path, captions):

@@ -28,7 +28,7 @@ IMAGE_KNOBS = (
     "seed",
     "seeding",
     "dtype",
-    "captions",
+    "captions_list_sha256",
     "pipeline_kwargs",
 )
 
@@ -180,6 +180,7 @@ def generate_images(
         "safety_checker": "disabled",
         "protocol": protocol,
         "captions": captions.describe(),
+        "captions_list_sha256": captions.list_sha256,  # the texts, wherever the file lives
         "file_names": f"{{caption_index:0{len(image_name(0, len(captions))) - 4}d}}.png",
         "num_processes": state.num_processes,
         "versions": _versions(),
