@@ -254,3 +254,48 @@ def test_convert_inception_cli(tmp_path, random_inception_state, capsys):
     assert main(["eval", "convert-inception", str(tmp_path / "missing.pth"), str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.pth not found" in err and "pytorch-fid" in err and "\n" not in err
+
+
+def test_open_clip_path_with_a_stand_in_module(tmp_path, monkeypatch):
+    """The open_clip wiring (not a dependency): local .safetensors only, encode_image/text."""
+    import sys
+    import types
+
+    calls = {}
+
+    class Model(torch.nn.Module):
+        def encode_image(self, x):
+            return x.flatten(1)[:, :4] + 1.0
+
+        def encode_text(self, tokens):
+            return tokens[:, :4].float() + 1.0
+
+    def create(name, pretrained, device):
+        calls["create"] = (name, pretrained)
+        return (
+            Model(),
+            None,
+            lambda im: torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1),
+        )
+
+    fake = types.SimpleNamespace(
+        create_model_and_transforms=create,
+        get_tokenizer=lambda name: lambda texts: torch.tensor([[len(t)] * 5 for t in texts]),
+    )
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    with pytest.raises(FileNotFoundError, match=".safetensors"):
+        load_extractor("clip", open_clip_model="ViT-g-14", open_clip_weights=tmp_path / "w.bin")
+    with pytest.raises(ValueError, match="--open-clip-weights"):
+        load_extractor("clip", open_clip_model="ViT-g-14")
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"weights")
+    ext = load_extractor("clip", open_clip_model="ViT-g-14", open_clip_weights=weights)
+    assert calls["create"] == ("ViT-g-14", str(weights))
+    images = np.full((2, 4, 4, 3), 3, np.uint8)
+    assert ext.features(images).shape == (2, 4) and (ext.features(images) == 4.0).all()
+    assert (ext.text_features(["ab", "abc"])[:, 0] == [3.0, 4.0]).all()
+    info = ext.describe()
+    assert info["backend"] == "open_clip" and info["weights_sha256"] == file_sha256(weights)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(ValueError, match="open_clip is not installed"):
+        load_extractor("clip", open_clip_model="ViT-g-14", open_clip_weights=weights)

@@ -248,7 +248,7 @@ class TransformersCLIP(CLIPExtractor):
 class OpenCLIP(CLIPExtractor):
     """open_clip model (e.g. ``ViT-g-14``) with weights from a local .safetensors file."""
 
-    def __init__(self, model_name: str, weights: str | Path, device: str = "cpu", **_):
+    def __init__(self, model_name: str, weights: str | Path | None, device: str = "cpu", **_):
         try:
             import open_clip
         except ModuleNotFoundError as err:
@@ -260,6 +260,10 @@ class OpenCLIP(CLIPExtractor):
 
         from wadi.eval.inception import file_sha256
 
+        if weights is None:
+            raise ValueError(
+                f"open_clip model {model_name} needs --open-clip-weights FILE (local .safetensors)"
+            )
         self.weights = Path(weights).expanduser()
         if not self.weights.is_file() or self.weights.suffix != ".safetensors":
             raise FileNotFoundError(
