@@ -6,7 +6,7 @@
              that discard the layer's own matmul and build the rotated weight
              with autograd (re-created here; see method.md section 7)
 
-Both run the same iteration code (wadi.distill.train.vsd_iteration), same
+Both run the same iteration code (wadi.distill.loop.vsd_iteration), same
 loss, same batch, same seeds.  Each variant runs in its own process so peak
 memory is its own (CUDA: max_memory_allocated; CPU: peak RSS).
 
@@ -146,7 +146,7 @@ def _current_rss() -> int:
 def run_variant(args) -> dict:
     from wadi.backbones.base import TextCondition
     from wadi.distill import DistillConfig, Roles
-    from wadi.distill.train import Update, vsd_iteration
+    from wadi.distill.loop import Update, vsd_iteration
 
     device = torch.device(args.device)
     start_rss = _current_rss()

@@ -137,15 +137,17 @@ def test_export_any_checkpoint_matches_final_pipeline(adapter, teachers, prompts
     a = StableDiffusionPipeline.from_pretrained(result.final_dir / "pipeline")
     b = StableDiffusionPipeline.from_pretrained(tmp_path / "exported")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    run = lambda p: (
-        p(
+
+    def run(pipe):
+        out = pipe(
             "a dog",
             num_inference_steps=1,
             guidance_scale=1.0,
             latents=z.clone(),
             output_type="latent",
-        ).images
-    )  # noqa: E731
+        )
+        return out.images
+
     torch.testing.assert_close(run(a), run(b), rtol=1e-5, atol=1e-5)
     assert (
         main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "exported")]) == 2

@@ -1,6 +1,7 @@
 """WaDi distillation: VSD with LoRaD adapters on one shared frozen base (method.md sections 3-4)."""
 
 from .config import DistillConfig
+from .loop import NonFiniteError, TrainResult, batch_indices, train
 from .losses import (
     add_noise,
     fake_score_loss,
@@ -10,7 +11,6 @@ from .losses import (
     vsd_gradient,
 )
 from .roles import Roles
-from .train import NonFiniteError, TrainResult, batch_indices, train
 
 __all__ = [
     "DistillConfig",

@@ -88,7 +88,7 @@ def run(args) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from .train import train
+    from .loop import train
 
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result.final_dir is not None:

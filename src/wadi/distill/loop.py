@@ -337,14 +337,6 @@ def train(
     data = PromptSource(config, backbone, device)
     if data.size == 0:
         raise ValueError("the prompt source holds no prompts")
-    # inputs are good: only now touch the output folder
-    _barrier()
-    if is_main:
-        if overwrite and not resume:
-            _clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        config.save(out / "config.yaml")
-    _barrier()
     null_cond = data.null()
     abar = backbone.alphas_cumprod().to(device)
     alpha_bar_T = config.alpha_bar_T or alpha_bar_from_scheduler(
@@ -355,6 +347,14 @@ def train(
 
     student = Update("student", roles.student_parameters(), config.lr_student, config, device)
     fake = Update("fake", roles.fake_parameters(), config.lr_fake, config, device)
+    # inputs are good: only now touch the output folder
+    _barrier()
+    if is_main:
+        if overwrite and not resume:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.yaml")
+    _barrier()
     ema = (
         {k: v.detach().float().clone() for k, v in roles.student_named_state().items()}
         if config.ema_decay

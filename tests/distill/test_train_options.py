@@ -1,0 +1,88 @@
+"""Options of the training loop: precomputed embeddings, checkpointing, bf16, non-finite steps, 8-bit."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wadi.distill import NonFiniteError, train
+
+from .conftest import tiny_config
+
+
+def _student(result):
+    return load_file(result.final_dir / "student.safetensors")
+
+
+def test_embeddings_give_the_same_run_as_the_text_encoder(teachers, prompts, tmp_path):
+    from wadi.data.embeddings import embed_prompts
+
+    embed_prompts(teachers["pixart"], prompts, tmp_path / "emb", shard_size=3, progress=False)
+    knobs = dict(max_steps=2, export_pipeline=False)
+    a = train(tiny_config(teachers["pixart"], prompts, tmp_path / "a", **knobs))
+    b = train(
+        tiny_config(
+            teachers["pixart"], None, tmp_path / "b", embeddings=str(tmp_path / "emb"), **knobs
+        )
+    )
+    sa, sb = _student(a), _student(b)
+    assert all(torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7) for k in sa)
+
+
+def test_gradient_checkpointing_gives_the_same_training(teachers, prompts, tmp_path):
+    knobs = dict(max_steps=2, export_pipeline=False)
+    a = train(tiny_config(teachers["sd-eps"], prompts, tmp_path / "a", **knobs))
+    b = train(
+        tiny_config(
+            teachers["sd-eps"], prompts, tmp_path / "b", gradient_checkpointing=True, **knobs
+        )
+    )
+    sa, sb = _student(a), _student(b)
+    assert all(torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7) for k in sa)
+    assert any(sa[k].abs().sum() > 0 for k in sa if k.endswith("lorad_A"))
+
+
+def test_bf16_mixed_precision_trains_with_float32_angles(teachers, prompts, tmp_path):
+    result = train(
+        tiny_config(
+            teachers["sd-eps"], prompts, tmp_path / "run", max_steps=2, mixed_precision="bf16"
+        )
+    )
+    student = _student(result)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
+    assert result.skipped_steps == 0
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(teachers, prompts, tmp_path, monkeypatch):
+    import wadi.distill.loop as t
+
+    real = t.fake_score_loss
+    calls = {"n": 0}
+
+    def nan_after_first(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] > 1 else loss
+
+    monkeypatch.setattr(t, "fake_score_loss", nan_after_first)
+    config = tiny_config(
+        teachers["sd-eps"], prompts, tmp_path / "run", max_steps=6, max_nonfinite_steps=3
+    )
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row at step 4"):
+        train(config)
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(teachers, prompts, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    config = tiny_config(teachers["sd-eps"], prompts, tmp_path / "run", optimizer="adamw8bit")
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        train(config)
+    assert not (tmp_path / "run").exists()
