@@ -20,6 +20,8 @@ the training code call them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -44,12 +46,25 @@ def angles(lorad_A: torch.Tensor, lorad_B: torch.Tensor) -> torch.Tensor:
     The reference wraps angles to ``[-pi, pi)``; rotation is 2*pi periodic so
     that changes no value and is not done here.
     """
+    if lorad_A.dtype == lorad_B.dtype and lorad_A.dtype in (torch.float32, torch.float64):
+        return lorad_A @ lorad_B  # the usual case: no casts
     dtype = torch.promote_types(torch.promote_types(lorad_A.dtype, lorad_B.dtype), torch.float32)
     return lorad_A.to(dtype) @ lorad_B.to(dtype)
 
 
 def _compute_dtype(weight: torch.Tensor, theta: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(weight.dtype, theta.dtype), torch.float32)
+
+
+def _unit_phase(theta: torch.Tensor) -> torch.Tensor:
+    """``exp(i * theta)`` as a complex tensor.
+
+    ``torch.polar`` is one fused kernel on CUDA but ~8x slower than separate
+    cos and sin on CPU (measured: 11.4 ms vs 1.5 ms for 1280 x 640 angles).
+    """
+    if theta.is_cuda:
+        return torch.polar(torch.ones((), dtype=theta.dtype, device=theta.device), theta)
+    return torch.complex(torch.cos(theta), torch.sin(theta))
 
 
 def _pair_view(w2d: torch.Tensor, pairs: int, dtype: torch.dtype) -> torch.Tensor:
@@ -69,8 +84,8 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     is rotated on its per-output flattened view and returned in its own shape.
     """
     shape = weight.shape
-    w2d = weight.reshape(shape[0], -1)
-    out_features, fan_in = w2d.shape
+    out_features = shape[0]
+    fan_in = weight.numel() // out_features if out_features else 0
     pairs = num_pairs(fan_in)
     if theta.shape != (out_features, pairs):
         raise ValueError(
@@ -79,9 +94,14 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         )
     dtype = _compute_dtype(weight, theta)
     # A pair (w0, w1) is the complex number w0 + i*w1; rotating it by theta is
-    # multiplying by exp(i*theta).  One fused kernel instead of cos, sin, 4 mul, 2 add, stack.
+    # multiplying by exp(i*theta): two kernels instead of nine elementwise ops.
+    phase = _unit_phase(theta if theta.dtype == dtype else theta.to(dtype))
+    if fan_in % 2 == 0 and weight.is_contiguous():  # fast path: views only
+        w = weight if weight.dtype == dtype else weight.to(dtype)
+        rotated = torch.view_as_real(torch.view_as_complex(w.view(out_features, pairs, 2)) * phase)
+        return rotated.view(shape).to(weight.dtype)
+    w2d = weight.reshape(out_features, fan_in)
     pairs_c = torch.view_as_complex(_pair_view(w2d, pairs, dtype))
-    phase = torch.polar(torch.ones((), dtype=dtype, device=theta.device), theta.to(dtype))
     rotated = torch.view_as_real(pairs_c * phase).reshape(out_features, 2 * pairs).to(weight.dtype)
     if fan_in % 2:
         rotated = torch.cat((rotated, w2d[:, -1:]), dim=1)
@@ -107,6 +127,13 @@ def rotate_pairs_grad_theta(rotated: torch.Tensor, grad_rotated: torch.Tensor) -
     g = torch.view_as_complex(_pair_view(g2d, pairs, dtype))
     # Im(conj(r) * g) = r0 * g1 - r1 * g0
     return (r.conj() * g).imag
+
+
+def _no_autocast(t: torch.Tensor):
+    """Autocast off inside (angles stay float32); a no-op context when it is off already."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _weight_grads(ctx, rotated, grad_rotated, weight, lorad_A, lorad_B):
@@ -145,7 +172,7 @@ class LoRaDLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lorad_A, lorad_B, compute_dtype):
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
             y = F.linear(x.to(compute_dtype), rotated, b)
@@ -158,7 +185,7 @@ class LoRaDLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lorad_A, lorad_B = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with _no_autocast(grad_y):
             rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(dtype)
             grad_y = grad_y.to(dtype)
             grad_x = None
@@ -189,7 +216,7 @@ class LoRaDConv2dFunction(torch.autograd.Function):
     def forward(
         ctx, x, weight, bias, lorad_A, lorad_B, compute_dtype, stride, padding, dilation, groups
     ):
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
             y = F.conv2d(x.to(compute_dtype), rotated, b, stride, padding, dilation, groups)
@@ -205,7 +232,7 @@ class LoRaDConv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         need_x = ctx.needs_input_grad[0]
         need_w = any(ctx.needs_input_grad[i] for i in (1, 3, 4))
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with _no_autocast(grad_y):
             rotated = rotate_pairs(weight, angles(lorad_A, lorad_B)).to(dtype)
             grad_x, grad_rotated, grad_b = torch.ops.aten.convolution_backward(
                 grad_y.to(dtype),
