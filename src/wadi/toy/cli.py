@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=48, help="images per step (48)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument(
+        "--init-from", metavar="DIR", help="start from this teacher folder's weights (stage 2)"
+    )
     _common(p)
     p.set_defaults(func=_train_teacher)
 
@@ -84,6 +87,7 @@ def _train_teacher(args) -> int:
         lr=args.lr,
         seed=args.seed,
         warmup_steps=min(100, max(1, args.steps // 10)),
+        init_from=args.init_from,
     )
     summary = train_teacher(out, config, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))

@@ -87,6 +87,7 @@ class TeacherTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     block_out_channels: tuple[int, ...] = (32, 64)
+    init_from: str | None = None  # continue from this teacher folder's weights (a second stage)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -196,6 +197,12 @@ def train_teacher(
 
     with tempfile.TemporaryDirectory() as tok_dir:
         unet, text_encoder, tokenizer, scheduler = build_teacher(tok_dir, config)
+        previous = None
+        if config.init_from:
+            unet, text_encoder, _, _ = load_teacher_parts(config.init_from)
+            config_file = Path(config.init_from) / "training_config.json"
+            if config_file.is_file():
+                previous = json.loads(config_file.read_text())
         # table of token ids: row 10*template + digit, last row the empty prompt
         prompts = [prompt_for(d, t) for t in range(len(TEMPLATES)) for d in range(10)] + [""]
         table = tokenize(tokenizer, prompts)
@@ -247,6 +254,7 @@ def train_teacher(
         "config": {**asdict(config), "block_out_channels": list(config.block_out_channels)},
         "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
         "train_seconds": round(seconds, 1),
+        "init_from_summary": previous,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
