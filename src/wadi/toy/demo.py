@@ -1,0 +1,199 @@
+"""``wadi demo``: distill the shipped digits teacher with WaDi on CPU, then measure and draw.
+
+Trains with :func:`wadi.distill.train` (LoRaD student and LoRaD fake score on the one shared
+base), then evaluates teacher 25-step DDIM with CFG, teacher 1 step and student 1 step on the
+same number of samples: FD and prompt accuracy with the shipped evaluator, network evaluations
+per image and milliseconds per image. Writes ``report.json`` and ``grid.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import TEACHER_DIR
+from .data import load_digits_split
+from .evaluate import balanced_digits, evaluate_images, noise, sample_teacher, save_grid
+from .prompts import prompt_for, training_prompts
+
+GENERATORS = ("teacher_multistep", "teacher_onestep", "student_onestep")
+
+
+@dataclass
+class DemoConfig:
+    """The demo's knobs; defaults target <= 10 minutes on 2 CPU cores."""
+
+    out_dir: str = "demo-output"
+    steps: int = 600
+    seed: int = 0
+    samples: int = 500
+    batch_size: int = 16
+    adapter: str = "lorad"
+    student_rank: int = 16
+    fake_rank: int = 4
+    lr_student: float = 1e-3
+    lr_fake: float = 1e-2
+    vsd_guidance: float = 1.5  # teacher and fake CFG inside VSD (method.md section 4)
+    teacher_steps: int = 25
+    teacher_guidance: float = 3.0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.samples < 10 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be >= 1 and samples >= 10")
+
+
+def write_prompts(path: Path) -> Path:
+    """All training prompts of the toy vocabulary, one a line (the distillation prompt set)."""
+    lines = [p for prompts in training_prompts().values() for p in prompts]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def distill_config(cfg: DemoConfig, prompts: Path):
+    """The :class:`wadi.distill.DistillConfig` of the demo run."""
+    from wadi.distill import DistillConfig
+
+    out = Path(cfg.out_dir)
+    return DistillConfig(
+        teacher=str(TEACHER_DIR),
+        prompts=str(prompts),
+        output_dir=str(out / "run"),
+        adapter=cfg.adapter,
+        student_rank=cfg.student_rank,
+        fake_rank=cfg.fake_rank,
+        resolution=16,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        lr_student=cfg.lr_student,
+        lr_fake=cfg.lr_fake,
+        guidance_scale=cfg.vsd_guidance,
+        seed=cfg.seed,
+        checkpoint_every=cfg.steps,
+        keep_checkpoints=1,
+        validate_every=cfg.steps,
+        export_pipeline=True,
+        progress=cfg.progress,
+    )
+
+
+@torch.no_grad()
+def one_step_images(backbone, digits, z, alpha_bar_T: float) -> torch.Tensor:
+    """One network evaluation per image: x0 from noise at t = 999 (method.md section 3)."""
+    from wadi.backbones.onestep import one_step
+
+    cond = backbone.encode_prompts([prompt_for(d) for d in digits])
+    return backbone.decode(one_step(backbone, z, cond, alpha_bar_T)).float().clamp(-1.0, 1.0)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def evaluate_generators(teacher, student, alpha_bar_T: float, cfg: DemoConfig) -> tuple[dict, dict]:
+    """({name: {fd, accuracy, nfe, ms_per_image}}, {name: images}) on the same digits and noise."""
+    digits = balanced_digits(cfg.samples)
+    z = noise(cfg.samples, cfg.seed + 1)
+    runs = {
+        "teacher_multistep": (
+            lambda: sample_teacher(
+                teacher, digits, cfg.teacher_steps, cfg.teacher_guidance, cfg.seed + 1
+            ),
+            cfg.teacher_steps * (2 if cfg.teacher_guidance != 1.0 else 1),
+        ),
+        "teacher_onestep": (lambda: one_step_images(teacher, digits, z, alpha_bar_T), 1),
+        "student_onestep": (lambda: one_step_images(student, digits, z, alpha_bar_T), 1),
+    }
+    metrics, images = {}, {}
+    for name, (fn, nfe) in runs.items():
+        imgs, seconds = _timed(fn)
+        images[name] = imgs
+        metrics[name] = {
+            **evaluate_images(imgs, digits),
+            "nfe": nfe,
+            "ms_per_image": 1000.0 * seconds / cfg.samples,
+        }
+    return metrics, images
+
+
+def goals(generators: dict) -> dict:
+    """The issue's targets, measured: True/False each, with the ratios behind them."""
+    multi, one, student = (generators[k] for k in GENERATORS)
+    return {
+        "fd_vs_teacher_multistep": student["fd"] / multi["fd"],
+        "fd_vs_teacher_onestep": student["fd"] / one["fd"],
+        "speedup_vs_teacher_multistep": multi["ms_per_image"] / student["ms_per_image"],
+        "met": {
+            "fd <= 1.5x teacher 25-step": student["fd"] <= 1.5 * multi["fd"],
+            "fd <= 0.3x teacher 1-step": student["fd"] <= 0.3 * one["fd"],
+            "accuracy >= 0.9": student["accuracy"] >= 0.9,
+            ">= 20x faster than teacher 25-step": (
+                multi["ms_per_image"] >= 20 * student["ms_per_image"]
+            ),
+        },
+    }
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the generators."""
+    lines = [f"{'generator':<20}{'FD':>10}{'accuracy':>10}{'NFE':>6}{'ms/image':>10}"]
+    for name, m in report["generators"].items():
+        lines.append(
+            f"{name:<20}{m['fd']:>10.2f}{m['accuracy']:>10.3f}{m['nfe']:>6}{m['ms_per_image']:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict:
+    """Distill, evaluate, write ``report.json`` and ``grid.png`` into ``cfg.out_dir``."""
+    from wadi.backbones import load_backbone
+    from wadi.distill import train
+
+    cfg = cfg or DemoConfig()
+    cfg.validate()
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dcfg = distill_config(cfg, write_prompts(out / "prompts.txt"))
+    result = train(dcfg, overwrite=True)
+    summary = json.loads((result.final_dir / "summary.json").read_text())
+    alpha_bar_T = float(summary["alpha_bar_T"])
+
+    teacher = load_backbone(TEACHER_DIR)
+    student = load_backbone(result.final_dir / "pipeline")
+    metrics, images = evaluate_generators(teacher, student, alpha_bar_T, cfg)
+
+    _, _, test_x, test_y = load_digits_split()
+    real = torch.stack([test_x[test_y == d][0] for d in range(10)])
+    save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, out / "grid.png")
+    report = {
+        "generators": metrics,
+        "goals": goals(metrics),
+        "config": {"demo": asdict(cfg), "distill": dcfg.to_dict()},
+        "distill": {
+            "steps": result.steps,
+            "skipped_steps": result.skipped_steps,
+            "seconds_per_step": result.seconds_per_step,
+            "final_dir": str(result.final_dir),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
