@@ -86,3 +86,20 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(teachers, prompts, tmp_
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("adapter", ["lorad", "lora"])
+def test_include_conv_adapts_the_blocks_convolutions(adapter, teachers):
+    from wadi import lorad
+    from wadi.backbones import load_backbone
+    from wadi.distill import Roles
+
+    backbone = load_backbone(teachers["sd-eps"])
+    roles = Roles(backbone, adapter, student_rank=2, fake_rank=2, include_conv=True)
+    convs = [
+        n for n, layer in lorad.lorad_layers(roles.base) if isinstance(layer, lorad.LoRaDConv2d)
+    ]
+    assert convs and all(n.startswith(("down_blocks", "mid_block", "up_blocks")) for n in convs)
+    if adapter == "lora":
+        peft_convs = [n for n, _ in roles.base.named_parameters() if "lora_A" in n and ".conv" in n]
+        assert peft_convs

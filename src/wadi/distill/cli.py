@@ -60,6 +60,13 @@ def register(subparsers) -> None:
         "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
     )
     p.add_argument("--no-export", dest="export_pipeline", action="store_false", default=None)
+    p.add_argument(
+        "--include-conv",
+        dest="include_conv",
+        action="store_true",
+        default=None,
+        help="also adapt Conv2d layers of the preset's blocks (beyond the paper)",
+    )
     p.add_argument("--resume", help="'latest' or a checkpoint folder (step-*) to continue from")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -75,6 +82,7 @@ def resolve_config(args):
         "validation_prompts",
         "gradient_checkpointing",
         "export_pipeline",
+        "include_conv",
     ]
     for key in keys:
         value = getattr(args, key, None)

@@ -53,6 +53,9 @@ class DistillConfig:
     )
     student_rank: int | None = None  # None: the backbone's preset (256 U-Net, 128 DiT)
     fake_rank: int | None = None  # None: the preset's 32
+    include_conv: bool = (
+        False  # also rotate nn.Conv2d kernels in the preset's blocks (beyond the paper)
+    )
 
     # one-step generator (method.md section 3)
     alpha_bar_T: float | None = (

@@ -47,7 +47,9 @@ def export_checkpoint(
     state = ckpt.load_tensors(source)
     backbone = load_backbone(config.teacher, dtype=torch.float32)
     torch.manual_seed(config.seed)
-    roles = Roles(backbone, config.adapter, config.student_rank, config.fake_rank)
+    roles = Roles(
+        backbone, config.adapter, config.student_rank, config.fake_rank, config.include_conv
+    )
     expected = roles.student_named_state()
     if set(state) != set(expected):
         raise ValueError(f"{source} does not fit the {config.adapter} student of {config.teacher}")

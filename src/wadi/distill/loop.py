@@ -330,7 +330,9 @@ def train(
         config.teacher, dtype=dtype, device=device, load_text_encoder=not config.embeddings
     )
     torch.manual_seed(config.seed)  # identical adapter initialisation on every process
-    roles = Roles(backbone, config.adapter, config.student_rank, config.fake_rank)
+    roles = Roles(
+        backbone, config.adapter, config.student_rank, config.fake_rank, config.include_conv
+    )
     if config.gradient_checkpointing:
         roles.enable_gradient_checkpointing()
     roles.train()

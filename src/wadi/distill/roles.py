@@ -26,7 +26,9 @@ STUDENT, FAKE = "student", "fake"
 class Roles:
     """Owns the adapters on ``backbone.denoiser`` and switches between roles."""
 
-    def __init__(self, backbone, adapter: str = "lorad", student_rank=None, fake_rank=None):
+    def __init__(
+        self, backbone, adapter="lorad", student_rank=None, fake_rank=None, include_conv=False
+    ):
         self.backbone = backbone
         self.adapter = adapter
         self.base = backbone.denoiser
@@ -36,10 +38,16 @@ class Roles:
             self.student_copy = copy.deepcopy(self.base)
             self.student_copy.requires_grad_(True)
             self.student_copy.to(torch.float32)
-        fake_cfg = lorad.preset(backbone.fake_preset, **({"rank": fake_rank} if fake_rank else {}))
+        fake_cfg = lorad.preset(
+            backbone.fake_preset,
+            include_conv=include_conv,
+            **({"rank": fake_rank} if fake_rank else {}),
+        )
         lorad.attach(self.base, fake_cfg, FAKE, activate=False)
         self.student_config = lorad.preset(
-            backbone.student_preset, **({"rank": student_rank} if student_rank else {})
+            backbone.student_preset,
+            include_conv=include_conv,
+            **({"rank": student_rank} if student_rank else {}),
         )
         if adapter == "lorad":
             lorad.attach(self.base, self.student_config, STUDENT, activate=False)
@@ -57,7 +65,8 @@ class Roles:
             if "base_layer" in name.split("."):
                 continue
             target = module.base_layer if isinstance(module, lorad.LoRaDLayer) else module
-            if isinstance(target, nn.Linear) and self.student_config.matches(name):
+            kinds = (nn.Linear, nn.Conv2d) if self.student_config.include_conv else (nn.Linear,)
+            if isinstance(target, kinds) and self.student_config.matches(name):
                 names.append(f"{name}.base_layer" if isinstance(module, lorad.LoRaDLayer) else name)
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=use_dora)
         inject_adapter_in_model(config, self.base, adapter_name=STUDENT)
