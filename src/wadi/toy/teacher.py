@@ -142,6 +142,7 @@ def save_teacher(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
