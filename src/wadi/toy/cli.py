@@ -11,6 +11,41 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    d = subparsers.add_parser(
+        "demo",
+        help="distill the shipped digits teacher on CPU, then measure and draw (minutes)",
+        description=(
+            "WaDi end to end on the digits teacher that ships with wadi: distill (LoRaD student "
+            "and LoRaD fake score on one frozen base), then evaluate teacher 25 steps with CFG, "
+            "teacher 1 step and student 1 step on the same samples. Writes report.json and "
+            "grid.png."
+        ),
+    )
+    d.add_argument(
+        "--out", default="demo-output", metavar="DIR", help="output folder (demo-output)"
+    )
+    d.add_argument("--steps", type=int, default=None, help="distillation steps")
+    d.add_argument("--seed", type=int, default=None, help="random seed")
+    d.add_argument("--samples", type=int, default=None, help="samples per generator")
+    d.add_argument("--adapter", default=None, help="student adapter: lorad, lora, dora, full")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
+
+    a = subparsers.add_parser(
+        "ablate",
+        help="adapter ablation in miniature: lorad, lora, dora, full (and LoRaD ranks), several seeds",
+    )
+    a.add_argument("--out", default="ablation-output", metavar="DIR", help="output folder")
+    a.add_argument("--adapters", default="lorad,lora,dora,full", help="comma list")
+    a.add_argument("--ranks", default="", help="extra LoRaD ranks for a rank sweep, comma list")
+    a.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    a.add_argument("--steps", type=int, default=300, help="distillation steps per run")
+    a.add_argument("--eval-every", type=int, default=100, help="steps between FD measurements")
+    a.add_argument("--samples", type=int, default=300, help="samples per FD measurement")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.set_defaults(func=_ablate)
+
     toy = subparsers.add_parser(
         "toy", help="the embedded digits teacher and evaluator: train, measure"
     )
@@ -50,6 +85,63 @@ def register(subparsers) -> None:
     p.add_argument("--grid", metavar="PNG", help="also write a grid of the first samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_eval_teacher)
+
+
+def _demo(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .demo import DemoConfig, format_table, run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    changes = {
+        k: getattr(args, k)
+        for k in ("steps", "seed", "samples", "adapter")
+        if getattr(args, k) is not None
+    }
+    cfg = dataclasses.replace(
+        DemoConfig(), out_dir=args.out, progress=not args.no_progress, **changes
+    )
+    report = run_demo(cfg)
+    print(format_table(report))
+    g = report["goals"]
+    print(
+        f"student FD / teacher 25-step FD {g['fd_vs_teacher_multistep']:.2f}, "
+        f"/ teacher 1-step FD {g['fd_vs_teacher_onestep']:.2f}, "
+        f"speed-up vs 25-step teacher {g['speedup_vs_teacher_multistep']:.0f}x"
+    )
+    for goal, met in g["met"].items():
+        print(f"  [{'x' if met else ' '}] {goal}")
+    print(f"wrote {args.out}/report.json and {args.out}/grid.png in {report['wall_seconds']:.0f} s")
+    return 0
+
+
+def _ablate(args) -> int:
+    import torch
+
+    from .ablate import AblationConfig, format_rows, run_ablation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def ints(text):
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    cfg = AblationConfig(
+        out_dir=args.out,
+        adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()),
+        lorad_ranks=ints(args.ranks),
+        seeds=ints(args.seeds),
+        steps=args.steps,
+        eval_every=args.eval_every,
+        samples=args.samples,
+    )
+    report = run_ablation(cfg)
+    print(format_rows(report["rows"]))
+    print(f"wrote {args.out}/ablation.json and {args.out}/fd_vs_step.png")
+    return 0
 
 
 def _common(p) -> None:

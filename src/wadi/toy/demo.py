@@ -37,6 +37,7 @@ class DemoConfig:
     adapter: str = "lorad"
     student_rank: int = 16
     fake_rank: int = 4
+    include_conv: bool = False  # also rotate the U-Net's convolutions (most of its weights)
     lr_student: float = 1e-3
     lr_fake: float = 1e-2
     vsd_guidance: float = 1.5  # teacher and fake CFG inside VSD (method.md section 4)
@@ -68,6 +69,7 @@ def distill_config(cfg: DemoConfig, prompts: Path):
         adapter=cfg.adapter,
         student_rank=cfg.student_rank,
         fake_rank=cfg.fake_rank,
+        include_conv=cfg.include_conv,
         resolution=16,
         batch_size=cfg.batch_size,
         max_steps=cfg.steps,
