@@ -73,8 +73,6 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
 
     start = time.perf_counter()
     result = train(dcfg, overwrite=True, callback=measure, callback_every=cfg.eval_every)
-    from wadi.distill import Roles  # noqa: F401  (trainable count below)
-
     trainable = sum(v.numel() for v in result.student_state.values())
     return {
         **case,
