@@ -26,31 +26,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from published_lorad import add_hook_lorad
 from wadi.lorad import LoRaDConfig, attach, merge_and_unload
-
-
-def make_hook_lorad(layer: nn.Linear, rank: int) -> nn.Module:
-    """The published approach: a forward hook on the original layer."""
-    out_f, in_f = layer.weight.shape
-    layer.lorad_A = nn.Parameter(torch.zeros(out_f, rank, device=layer.weight.device))
-    layer.lorad_B = nn.Parameter(torch.empty(rank, in_f // 2, device=layer.weight.device))
-    nn.init.xavier_uniform_(layer.lorad_B)
-
-    def hook(module, args, output):
-        (x,) = args
-        theta = module.lorad_A @ module.lorad_B
-        theta = torch.remainder(theta + torch.pi, 2 * torch.pi) - torch.pi
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        w = module.weight.float()
-        w0, w1 = w[:, 0::2], w[:, 1::2]
-        rotated = torch.stack((w0 * cos - w1 * sin, w0 * sin + w1 * cos), dim=-1).flatten(1)
-        return F.linear(x, rotated.to(x.dtype), module.bias)
-
-    layer.register_forward_hook(hook)
-    return layer
 
 
 def build(variant: str, width: int, device, dtype) -> nn.Module:
@@ -83,7 +62,8 @@ def build(variant: str, width: int, device, dtype) -> nn.Module:
     if variant == "hook":
         base.requires_grad_(False)
         base.to(dtype)
-        return make_hook_lorad(base, 64)
+        add_hook_lorad(base, 64)
+        return base
     if variant == "wadi":
         model = nn.Sequential(base.to(dtype))
         attach(model, LoRaDConfig(rank=64))

@@ -28,8 +28,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from published_lorad import add_hook_lorad
 
 ARCHS = {
     # block_out_channels, cross_attention_dim, attention_head_dim, layers_per_block
@@ -55,30 +56,6 @@ def build_backbone(arch: str, device, dtype):
     return backbone
 
 
-class HookLoRaD:
-    """The published adapter: a forward hook that recomputes the layer with a rotated weight."""
-
-    def __init__(self, layer: nn.Linear, rank: int):
-        out_f, in_f = layer.weight.shape
-        dev = layer.weight.device
-        self.A = nn.Parameter(torch.zeros(out_f, rank, device=dev))
-        self.B = nn.Parameter(torch.empty(rank, in_f // 2, device=dev))
-        nn.init.xavier_uniform_(self.B)
-        layer.register_forward_hook(self.hook)
-
-    def hook(self, module, args, output):
-        (x,) = args
-        theta = self.A @ self.B
-        theta = torch.remainder(theta + torch.pi, 2 * torch.pi) - torch.pi
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        w = module.weight.float()
-        w0, w1 = w[:, 0::2], w[:, 1::2]
-        rotated = torch.stack((w0 * cos - w1 * sin, w0 * sin + w1 * cos), dim=-1).flatten(1)
-        return F.linear(
-            x, rotated.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype)
-        )
-
-
 def hook_adapters(model: nn.Module, preset_name: str) -> list[nn.Parameter]:
     from wadi.lorad import preset
 
@@ -86,8 +63,7 @@ def hook_adapters(model: nn.Module, preset_name: str) -> list[nn.Parameter]:
     params = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and config.matches(name):
-            h = HookLoRaD(module, config.rank)
-            params += [h.A, h.B]
+            params += add_hook_lorad(module, config.rank)
     return params
 
 

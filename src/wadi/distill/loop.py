@@ -483,7 +483,6 @@ def _summary_writer(out: Path):
 def _save_checkpoint(
     config, roles, student, fake, ema, generator, step, skipped, in_a_row, rank, world
 ):
-    from wadi import lorad
 
     out = Path(config.output_dir)
     tmp = ckpt.checkpoint_root(out) / f".tmp-{ckpt.step_dir_name(step)}"
@@ -493,13 +492,7 @@ def _save_checkpoint(
     ckpt.save_tensors(ckpt.rng_state(generator), tmp / f"rng-rank{rank}.safetensors")
     _barrier()
     if rank == 0:
-        config.save(tmp / "config.yaml")
-        ckpt.save_tensors(roles.student_named_state(), tmp / "student.safetensors")
-        if roles.adapter == "lorad":
-            lorad.save_adapter(roles.base, tmp / "student_adapter", "student")
-        lorad.save_adapter(roles.base, tmp / "fake_adapter", FAKE)
-        if ema is not None:
-            ckpt.save_tensors(ema, tmp / "ema.safetensors")
+        _write_weights(tmp, config, roles, ema)
         for update in (student, fake):
             tensors, meta = update.optimizer_files()
             ckpt.save_tensors(tensors, tmp / f"optimizer_{update.name}.safetensors")
@@ -590,20 +583,26 @@ def _validate(config, backbone, roles, alpha_bar_T, step, out, writer, dtype):
         writer.add_image("validation", grid, step)
 
 
+def _write_weights(folder: Path, config, roles, ema) -> None:
+    """What both checkpoints and ``final/`` hold: config, student, fake adapter, EMA."""
+    from wadi import lorad
+
+    config.save(folder / "config.yaml")
+    ckpt.save_tensors(roles.student_named_state(), folder / "student.safetensors")
+    if roles.adapter == "lorad":
+        lorad.save_adapter(roles.base, folder / "student_adapter", "student")
+    lorad.save_adapter(roles.base, folder / "fake_adapter", FAKE)
+    if ema is not None:
+        ckpt.save_tensors(ema, folder / "ema.safetensors")
+
+
 def _write_final(config, backbone, roles, ema, alpha_bar_T, out: Path) -> Path:
     """``OUTPUT/final``: student (and EMA) adapters, fake adapter, config, merged pipeline."""
-    from wadi import lorad
     from wadi.backbones.base import atomic_directory
 
     final = out / "final"
     with atomic_directory(final) as tmp:
-        config.save(tmp / "config.yaml")
-        ckpt.save_tensors(roles.student_named_state(), tmp / "student.safetensors")
-        if roles.adapter == "lorad":
-            lorad.save_adapter(roles.base, tmp / "student_adapter", "student")
-        lorad.save_adapter(roles.base, tmp / "fake_adapter", FAKE)
-        if ema is not None:
-            ckpt.save_tensors(ema, tmp / "ema.safetensors")
+        _write_weights(tmp, config, roles, ema)
         summary = {"alpha_bar_T": alpha_bar_T, "adapter": roles.adapter}
         if config.export_pipeline:
             merged = roles.merged_student()

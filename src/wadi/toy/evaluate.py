@@ -3,8 +3,6 @@ teacher sampling through the library's backbone API, and image grids."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -151,15 +149,7 @@ def grid_image(rows: dict[str, torch.Tensor], scale: int = 4, label_width: int =
 
 def save_grid(rows: dict[str, torch.Tensor], path: str | Path, scale: int = 4) -> Path:
     """Write :func:`grid_image` as a PNG at ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = grid_image(rows, scale=scale)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from wadi.images import save_png
+
+    save_png(grid_image(rows, scale=scale), path)
+    return Path(path)
