@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Everything GPU-specific in one call (fits a 15-minute device lease).
-# Usage on a GPU machine, from the repo root:  bash benchmarks/gpu_check.sh [OUT_DIR]
-# Prints tables; copies them to OUT_DIR (default: $OUT or ./gpu-check).
+# Before the lease, here: bash benchmarks/fetch_gpu_wheels.sh   (diffusers is not in the GPU image)
+# Device call: run(command="bash benchmarks/gpu_check.sh $OUT", carry=[".whl"], timeout_s=600)
+# Prints tables and copies them to OUT_DIR (default: $OUT or ./gpu-check).
 set -uo pipefail
 OUT_DIR="${1:-${OUT:-gpu-check}}"
 mkdir -p "$OUT_DIR"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-PY=python3
-if [ ! -x .venv/bin/python ]; then
-  $PY -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[dev]' || exit 1
+PY=python3  # the GPU image's python holds torch; wadi runs from the source tree
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD/src:$PWD/benchmarks"
+else
+  export PYTHONPATH="$PWD/src:$PWD/benchmarks"
 fi
-PY=.venv/bin/python
+$PY -c "import diffusers, wadi" || { echo "diffusers missing: run benchmarks/fetch_gpu_wheels.sh here and carry .whl"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 
 # 1. LoRaD numerics on CUDA in half precision (float64 reference on the same device)
