@@ -103,3 +103,22 @@ def test_include_conv_adapts_the_blocks_convolutions(adapter, teachers):
     if adapter == "lora":
         peft_convs = [n for n, _ in roles.base.named_parameters() if "lora_A" in n and ".conv" in n]
         assert peft_convs
+
+
+def test_final_pipeline_holds_the_ema_weights(teachers, prompts, tmp_path):
+    import json
+
+    from wadi.distill.export import export_checkpoint
+
+    config = tiny_config(teachers["sd-eps"], prompts, tmp_path / "run", max_steps=3, ema_decay=0.5)
+    result = train(config)
+    assert json.loads((result.final_dir / "summary.json").read_text())["pipeline_weights"] == "ema"
+    export_checkpoint(result.final_dir, tmp_path / "ema", use_ema=True)
+    export_checkpoint(result.final_dir, tmp_path / "raw")
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    final, ema, raw = (
+        load_file(p / unet)
+        for p in (result.final_dir / "pipeline", tmp_path / "ema", tmp_path / "raw")
+    )
+    assert all(torch.allclose(final[k], ema[k], rtol=0, atol=1e-6) for k in final)
+    assert any(not torch.allclose(final[k], raw[k], rtol=0, atol=1e-6) for k in final)

@@ -86,6 +86,7 @@ class DistillConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16; the frozen base is stored in this dtype
     gradient_checkpointing: bool = False
     ema_decay: float | None = None  # None: no EMA (the paper uses none)
+    export_ema: bool = True  # with ema_decay: final/pipeline holds the EMA weights
     max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
 
     # reproducibility, checkpoints, monitoring

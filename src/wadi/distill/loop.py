@@ -605,7 +605,9 @@ def _write_final(config, backbone, roles, ema, alpha_bar_T, out: Path) -> Path:
         _write_weights(tmp, config, roles, ema)
         summary = {"alpha_bar_T": alpha_bar_T, "adapter": roles.adapter}
         if config.export_pipeline:
-            merged = roles.merged_student()
+            use_ema = ema is not None and config.export_ema
+            merged = roles.merged_student(ema if use_ema else None)
+            summary["pipeline_weights"] = "ema" if use_ema else "student"
             backbone.save_pipeline(merged, tmp / "pipeline", alpha_bar_T)
             summary["pipeline"] = "pipeline"
         ckpt.write_json(summary, tmp / "summary.json")
