@@ -38,6 +38,7 @@ class DemoConfig:
     student_rank: int = 16
     fake_rank: int = 4
     include_conv: bool = False  # also rotate the U-Net's convolutions (most of its weights)
+    ema_decay: float | None = 0.99  # the student oscillates; its EMA is exported
     lr_student: float = 1e-3
     lr_fake: float = 1e-2
     vsd_guidance: float = 1.5  # teacher and fake CFG inside VSD (method.md section 4)
@@ -70,6 +71,7 @@ def distill_config(cfg: DemoConfig, prompts: Path):
         student_rank=cfg.student_rank,
         fake_rank=cfg.fake_rank,
         include_conv=cfg.include_conv,
+        ema_decay=cfg.ema_decay,
         resolution=16,
         batch_size=cfg.batch_size,
         max_steps=cfg.steps,
