@@ -147,6 +147,7 @@ class atomic_directory:
         self.tmp = Path(
             tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
         )
+        self.tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -170,6 +171,7 @@ class Backbone:
     student_preset: str = ""
     fake_preset: str = ""
     denoiser_folder: str = ""  # "unet" / "transformer"
+    denoiser_class: str = ""  # the diffusers class in that folder
     supported: str = ""  # what this class loads, for error messages
 
     def __init__(
@@ -203,7 +205,25 @@ class Backbone:
     def from_folder(
         cls, path: Path, *, dtype: torch.dtype, device, load_text_encoder: bool
     ) -> Backbone:
-        raise NotImplementedError
+        """Load denoiser, scheduler, optional VAE and (optionally) text parts from ``path``."""
+        import diffusers
+
+        from .registry import load_scheduler, load_vae
+
+        denoiser = getattr(diffusers, cls.denoiser_class).from_pretrained(
+            path, subfolder=cls.denoiser_folder, torch_dtype=dtype
+        )
+        text_encoder = tokenizer = None
+        if load_text_encoder:
+            text_encoder, tokenizer = cls._read_text_parts(path, dtype, device)
+        return cls(
+            denoiser=denoiser.to(device),
+            scheduler=load_scheduler(path),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=load_vae(path, dtype, device),
+            path=path,
+        )
 
     # ---- shapes and schedule ----
     @property

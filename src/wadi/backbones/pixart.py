@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .registry import load_scheduler, load_text_encoder, load_vae, register_backbone
+from .registry import load_text_encoder, register_backbone
 
 __all__ = ["PixArtBackbone", "PIXART_MAX_TOKENS"]
 
@@ -30,31 +30,13 @@ class PixArtBackbone(Backbone):
     student_preset = "pixart-student"
     fake_preset = "pixart-fake"
     denoiser_folder = "transformer"
+    denoiser_class = "PixArtTransformer2DModel"
     supported = "PixArtTransformer2DModel of PixArt-alpha"
     max_tokens = PIXART_MAX_TOKENS
 
     @classmethod
     def accepts(cls, denoiser_config: dict) -> bool:
         return denoiser_config.get("_class_name") == "PixArtTransformer2DModel"
-
-    @classmethod
-    def from_folder(cls, path: Path, *, dtype, device, load_text_encoder: bool) -> PixArtBackbone:
-        from diffusers import PixArtTransformer2DModel
-
-        transformer = PixArtTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype
-        )
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder, tokenizer = cls._read_text_parts(path, dtype, device)
-        return cls(
-            denoiser=transformer.to(device),
-            scheduler=load_scheduler(path),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            vae=load_vae(path, dtype, device),
-            path=path,
-        )
 
     @classmethod
     def _read_text_parts(cls, path: Path, dtype, device):

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .registry import load_scheduler, load_text_encoder, load_vae, register_backbone
+from .registry import load_text_encoder, register_backbone
 
 __all__ = ["SDUNetBackbone"]
 
@@ -23,6 +23,7 @@ class SDUNetBackbone(Backbone):
     student_preset = "sd-unet-student"
     fake_preset = "sd-unet-fake"
     denoiser_folder = "unet"
+    denoiser_class = "UNet2DConditionModel"
     supported = "UNet2DConditionModel of SD 1.x/2.x, eps or v-prediction, latent or pixel space"
 
     @classmethod
@@ -33,23 +34,6 @@ class SDUNetBackbone(Backbone):
             and denoiser_config.get("class_embed_type") is None
             and denoiser_config.get("time_cond_proj_dim") is None
             and denoiser_config.get("encoder_hid_dim") is None
-        )
-
-    @classmethod
-    def from_folder(cls, path: Path, *, dtype, device, load_text_encoder: bool) -> SDUNetBackbone:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder, tokenizer = cls._read_text_parts(path, dtype, device)
-        return cls(
-            denoiser=unet.to(device),
-            scheduler=load_scheduler(path),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            vae=load_vae(path, dtype, device),
-            path=path,
         )
 
     @classmethod

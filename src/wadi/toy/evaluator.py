@@ -7,8 +7,6 @@ Shipped as ``assets/evaluator/model.safetensors`` + ``config.json``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,22 +73,15 @@ def save_evaluator(
     """Write weights (safetensors) and config (JSON) to ``directory`` atomically."""
     from safetensors.torch import save_file
 
-    from .teacher import _replace_dir
+    from wadi.backbones.base import atomic_directory
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(
             json.dumps({**model.config(), **(extra or {})}, indent=2) + "\n"
         )
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -139,11 +137,10 @@ def save_teacher(
     """Write the diffusers-style teacher folder atomically (temporary folder, then rename)."""
     import diffusers
 
+    from wadi.backbones.base import atomic_directory
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    with atomic_directory(directory) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -160,22 +157,7 @@ def save_teacher(
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if extra:
             (tmp / "training_config.json").write_text(json.dumps(extra, indent=2) + "\n")
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder ``new`` to ``target``, replacing an existing ``target`` only once ``new`` is complete."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _lr_factor(step: int, config: TeacherTrainConfig) -> float:
