@@ -7,8 +7,6 @@ always be reproduced or resumed from its folder alone.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,8 +221,3 @@ class DistillConfig:
         """Keys whose values differ, except those a resumption may change."""
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
-
-    def fingerprint(self) -> str:
-        """Short hash of the knobs that define the run (not the resumable ones)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

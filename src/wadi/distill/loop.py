@@ -502,7 +502,6 @@ def _save_checkpoint(
             "skipped_steps": skipped,
             "nonfinite_in_a_row": in_a_row,
             "world_size": world,
-            "fingerprint": config.fingerprint(),
             "scaler": {u.name: u.scaler.state_dict() for u in (student, fake)},
         }
         ckpt.write_json(state, tmp / "state.json")

@@ -178,7 +178,6 @@ class LoRaDLinearFunction(torch.autograd.Function):
             y = F.linear(x.to(compute_dtype), rotated, b)
         ctx.save_for_backward(x, weight, lorad_A, lorad_B)
         ctx.compute_dtype = compute_dtype
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod

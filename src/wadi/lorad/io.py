@@ -8,7 +8,6 @@ leaves a half-written adapter in place of a good one.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -163,8 +162,3 @@ def _compare(expected: dict[str, list[int]], found: dict[str, list[int]]) -> lis
                 f"module {module}: {key.rpartition('.')[2]} expected shape {expected[key]}, found {found[key]}"
             )
     return problems
-
-
-def read_adapter_metadata(directory: str | os.PathLike) -> dict:
-    """The JSON config of an adapter folder, as a dict."""
-    return json.loads((Path(directory) / CONFIG_NAME).read_text())
