@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -37,16 +35,10 @@ def make_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor
 
 def save_png(image, path: str | os.PathLike) -> None:
     """Write a PIL image atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    from wadi.files import atomic_file
+
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_image_grid(

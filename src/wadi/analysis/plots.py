@@ -29,9 +29,10 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    from wadi.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 

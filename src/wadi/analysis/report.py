@@ -16,12 +16,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from wadi.files import write_text
 
 from .weights import SWAP_KINDS, LayerStats, layer_stats, summarize, swap
 
@@ -257,17 +258,6 @@ def _json_safe(value):
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def layers_csv(report: Report) -> str:
     """``layers.csv`` text: one row per layer, the fields of :data:`CSV_FIELDS`."""
     buf = io.StringIO()
@@ -289,8 +279,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, plots: bool = True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = _json_safe(report.to_dict())
-    _atomic_write_text(out / "report.json", json.dumps(data, indent=2) + "\n")
-    _atomic_write_text(out / "layers.csv", layers_csv(report))
+    write_text(out / "report.json", json.dumps(data, indent=2) + "\n")
+    write_text(out / "layers.csv", layers_csv(report))
     written = [out / "report.json", out / "layers.csv"]
     if plots:
         from .plots import write_plots

@@ -10,14 +10,14 @@ the teacher is the same module with adapters disabled.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from wadi.files import atomic_directory
 
 __all__ = ["TextCondition", "Backbone", "eps_from_model_output", "atomic_directory"]
 
@@ -130,38 +130,6 @@ def eps_from_model_output(
     raise ValueError(
         f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample"
     )
-
-
-class atomic_directory:
-    """Context manager: build a folder under a temporary name, rename it into place on success.
-
-    An existing ``target`` is replaced only after the new folder is complete;
-    on an error the temporary folder is removed and ``target`` is untouched.
-    """
-
-    def __init__(self, target: str | os.PathLike):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(
-            tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        )
-        self.tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class Backbone:

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Backbone, atomic_directory
+from wadi.files import atomic_directory
+
+from .base import Backbone
 from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 
 __all__ = ["one_step_scheduler", "save_pipeline", "export_student", "DTYPES", "parse_dtype"]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wadi.files import atomic_file, write_text
+
 __all__ = ["seeded_noise", "to_pil", "generate_images"]
 
 
@@ -39,9 +41,8 @@ def to_pil(image: Tensor):
 
 
 def _save_png(image: Tensor, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    to_pil(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        to_pil(image).save(tmp, format="PNG")
 
 
 def generate_images(
@@ -120,9 +121,9 @@ def generate_images(
             records.append({"file": path.name, "prompt": prompt, "seed": seed + i})
         bar.update(len(batch))
     bar.close()
-    tmp = out / ".images.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, out / "images.jsonl")
+    write_text(
+        out / "images.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
     return written
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from wadi.backbones.base import TextCondition, atomic_directory
+from wadi.backbones.base import TextCondition
+from wadi.files import atomic_directory
 
 __all__ = ["EmbeddingStore", "write_embeddings", "embed_prompts", "INDEX_NAME", "FORMAT"]
 

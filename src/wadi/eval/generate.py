@@ -76,12 +76,10 @@ def save_png(array: np.ndarray, path: Path) -> None:
     """Write a uint8 HWC image through a temporary name, so no partial PNG is ever left."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
+    from wadi.files import atomic_file
+
+    with atomic_file(path) as tmp:
         Image.fromarray(array).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ COCO numbers use, and pytorch-fid's (torch bilinear, ``2 x - 1``).
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -340,11 +339,8 @@ def convert_inception_weights(source: str | Path, target: str | Path) -> Path:
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {shape}")
         tensors[key] = tensor.detach().to(torch.float32).contiguous()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
+    from wadi.files import atomic_file
+
+    with atomic_file(target) as tmp:
         save_file(tensors, str(tmp), metadata={"source": source.name, "format": "pt"})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from wadi import files
+from wadi.files import atomic_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -290,23 +292,11 @@ def reference_features(
         extractor, files, protocol.resize, batch_size, workers, desc=f"reference {extractor.name}"
     )
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + f".tmp{os.getpid()}")
-        try:
+        with atomic_file(cache_file) as tmp:
             save_file({"features": feats}, str(tmp), metadata={"key": json.dumps(key)})
-            os.replace(tmp, cache_file)
-        finally:
-            tmp.unlink(missing_ok=True)
     return feats, record
 
 
 def write_json(path: str | Path, data: dict) -> Path:
     """Write JSON through a temporary name renamed into place (never a partial file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return files.write_json(path, data, sort_keys=True)

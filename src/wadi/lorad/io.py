@@ -9,13 +9,14 @@ leaves a half-written adapter in place of a good one.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from wadi.files import atomic_file, write_text
 
 from .config import CONFIG_NAME, LoRaDConfig
 from .model import adapter_config, adapter_names, attach, lorad_layers
@@ -46,17 +47,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return state
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
 ) -> Path:
@@ -68,9 +58,9 @@ def save_adapter(
         k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()
     }
     metadata = {"format": "pt", "wadi_adapter": "lorad", "adapter_name": adapter_name}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=metadata))
-    text = config.to_json() + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    write_text(directory / CONFIG_NAME, config.to_json() + "\n")
     return directory
 
 

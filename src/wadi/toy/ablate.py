@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .demo import DemoConfig, _write_text, distill_config, write_prompts
+from wadi.files import write_text
+
+from .demo import DemoConfig, distill_config, write_prompts
 from .evaluate import balanced_digits, evaluate_images, noise
 from .prompts import prompt_for
 
@@ -156,6 +158,6 @@ def run_ablation(cfg: AblationConfig) -> dict:
         )
     rows = summarize(results)
     report = {"rows": rows, "runs": results, "config": dataclasses.asdict(cfg)}
-    _write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
     plot_curves(results, out / "fd_vs_step.png")
     return report

@@ -9,13 +9,13 @@ per image and milliseconds per image. Writes ``report.json`` and ``grid.png``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from wadi.files import write_json, write_text
 
 from . import TEACHER_DIR
 from .data import load_digits_split
@@ -54,7 +54,7 @@ class DemoConfig:
 def write_prompts(path: Path) -> Path:
     """All training prompts of the toy vocabulary, one a line (the distillation prompt set)."""
     lines = [p for prompts in training_prompts().values() for p in prompts]
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -191,13 +191,5 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - start,
     }
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

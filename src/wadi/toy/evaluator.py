@@ -73,7 +73,7 @@ def save_evaluator(
     """Write weights (safetensors) and config (JSON) to ``directory`` atomically."""
     from safetensors.torch import save_file
 
-    from wadi.backbones.base import atomic_directory
+    from wadi.files import atomic_directory
 
     directory = Path(directory)
     with atomic_directory(directory) as tmp:

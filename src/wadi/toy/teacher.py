@@ -137,7 +137,7 @@ def save_teacher(
     """Write the diffusers-style teacher folder atomically (temporary folder, then rename)."""
     import diffusers
 
-    from wadi.backbones.base import atomic_directory
+    from wadi.files import atomic_directory
 
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
