@@ -307,7 +307,8 @@ def train(
 
     ``callback(step, context)`` runs on the main process every
     ``callback_every`` steps (and at step 0) with ``context`` holding
-    ``backbone``, ``roles``, ``alpha_bar_T``; it must not use the training RNG.
+    ``backbone``, ``roles``, ``alpha_bar_T``, ``config`` and ``ema`` (the student's EMA
+    tensors or None); it must not use the training RNG.
     """
     from accelerate import PartialState
 
@@ -386,7 +387,13 @@ def train(
             unit="step",
             dynamic_ncols=True,
         )
-    context = {"backbone": backbone, "roles": roles, "alpha_bar_T": alpha_bar_T, "config": config}
+    context = {
+        "backbone": backbone,
+        "roles": roles,
+        "alpha_bar_T": alpha_bar_T,
+        "config": config,
+        "ema": ema,
+    }
     if callback and is_main and callback_every and step == 0:
         callback(0, context)
     t_start, steps_run = time.perf_counter(), 0
@@ -597,7 +604,7 @@ def _write_weights(folder: Path, config, roles, ema) -> None:
 
 def _write_final(config, backbone, roles, ema, alpha_bar_T, out: Path) -> Path:
     """``OUTPUT/final``: student (and EMA) adapters, fake adapter, config, merged pipeline."""
-    from wadi.backbones.base import atomic_directory
+    from wadi.files import atomic_directory
 
     final = out / "final"
     with atomic_directory(final) as tmp:
