@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from wadi.toy.ablate import AblationConfig, format_rows, run_ablation
 
 
@@ -12,6 +14,7 @@ def test_short_ablation_writes_rows_curves_and_plot(tmp_path):
         steps=2,
         eval_every=1,
         samples=20,
+        lr_overrides={"full": 1e-4},
     )
     report = run_ablation(cfg)
     rows = {(r["adapter"], r["rank"]): r for r in report["rows"]}
@@ -21,10 +24,41 @@ def test_short_ablation_writes_rows_curves_and_plot(tmp_path):
         < rows[("lorad", 16)]["trainable"]
         < rows[("full", 16)]["trainable"]
     )
+    assert rows[("full", 16)]["lr_student"] == 1e-4
+    assert rows[("lorad", 16)]["lr_student"] == cfg.demo.lr_student
     for run in report["runs"]:
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]
-        assert run["curve"][-1]["fd"] == run["fd"]
+        # the demo exports the EMA, so the headline FD is the EMA's; the raw one is kept too
+        assert run["curve"][-1]["fd_ema"] == run["fd"]
+        assert run["curve"][-1]["fd"] == run["fd_raw"]
+        assert run["peak_mib_over_loaded"] is not None and run["peak_mib_over_loaded"] >= 0
     saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert len(saved["runs"]) == 3
     assert (tmp_path / "abl" / "fd_vs_step.png").stat().st_size > 1000
     assert "| lorad | 4 |" in format_rows(report["rows"])
+
+
+def test_parallel_jobs_give_the_serial_result(tmp_path):
+    base = dict(
+        adapters=("lorad",), lorad_ranks=(4,), seeds=(0,), steps=2, eval_every=2, samples=20
+    )
+    serial = run_ablation(AblationConfig(out_dir=str(tmp_path / "a"), threads=1, **base))
+    parallel = run_ablation(AblationConfig(out_dir=str(tmp_path / "b"), jobs=2, threads=1, **base))
+    assert [(r["rank"], r["fd"]) for r in parallel["runs"]] == [
+        (r["rank"], r["fd"]) for r in serial["runs"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"adapters": ("lorad", "qlora")}, "unknown adapter 'qlora'"),
+        ({"lr_overrides": {"dora": 1e-4}}, "not among the adapters"),
+        ({"lr_overrides": {"lorad": 0.0}}, "must be positive"),
+    ],
+)
+def test_bad_ablation_config_fails_before_running(tmp_path, change, message):
+    cfg = AblationConfig(out_dir=str(tmp_path / "abl"), **{"adapters": ("lorad",), **change})
+    with pytest.raises(ValueError, match=message):
+        run_ablation(cfg)
+    assert not (tmp_path / "abl").exists()

@@ -3,8 +3,11 @@
 Every run distills the shipped teacher with the demo's recipe, changing only the student
 adapter (LoRaD, PEFT LoRA, PEFT DoRA, full fine-tune) or the LoRaD rank, for several
 seeds.  During training the student's one-step FD and accuracy are measured every
-``eval_every`` steps (own noise, training RNG untouched), so FD-vs-step curves come out
-too.  Writes ``ablation.json`` and ``fd_vs_step.png``.
+``eval_every`` steps (own noise, training RNG untouched) for the raw student and for its
+EMA (what the demo exports), so FD-vs-step curves come out too.  Runs can go in parallel
+processes (``jobs``), each with its own thread count; each reports its peak resident memory
+above what it held once the model was loaded.  Writes ``ablation.json`` and
+``fd_vs_step.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,26 @@ class AblationConfig:
     steps: int = 300
     eval_every: int = 100
     samples: int = 300
+    lr_overrides: dict[str, float] = dataclasses.field(default_factory=dict)  # adapter -> lr
+    jobs: int = 1  # runs in parallel processes
+    threads: int | None = None  # torch threads per run
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+
+    def validate(self) -> None:
+        known = ("lorad", "lora", "dora", "full")
+        for adapter in self.adapters:
+            if adapter not in known:
+                raise ValueError(f"unknown adapter {adapter!r}; choose from {', '.join(known)}")
+        for adapter, lr in self.lr_overrides.items():
+            if adapter not in self.adapters:
+                raise ValueError(
+                    f"learning rate given for {adapter!r}, which is not among the adapters run "
+                    f"({', '.join(self.adapters)})"
+                )
+            if not lr > 0:
+                raise ValueError(f"learning rate for {adapter!r} must be positive, got {lr}")
+        if self.jobs < 1 or self.steps < 1 or self.eval_every < 1 or not self.seeds:
+            raise ValueError("jobs, steps and eval_every must be >= 1 and seeds non-empty")
 
 
 def runs(cfg: AblationConfig) -> list[dict]:
@@ -43,21 +65,58 @@ def runs(cfg: AblationConfig) -> list[dict]:
     return [{"adapter": a, "rank": r, "seed": s} for a, r in cases for s in cfg.seeds]
 
 
-def _student_metrics(context: dict, samples: int) -> dict:
+def _student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
+    """FD and accuracy of the student's one-step samples (own noise, seed 12345).
+
+    ``use_ema``: measure with the EMA tensors swapped in (then swapped back).
+    """
     from wadi.backbones import one_step
 
     backbone, roles = context["backbone"], context["roles"]
     digits = balanced_digits(samples)
     z = noise(samples, 12345)
     cond = backbone.encode_prompts([prompt_for(d) for d in digits])
-    with torch.no_grad(), roles.student():
-        x = one_step(backbone, z, cond, context["alpha_bar_T"]).float().clamp(-1, 1)
+    live = roles.student_named_state()
+    saved = {}
+    if use_ema:
+        saved = {k: v.detach().clone() for k, v in live.items()}
+        for k, v in context["ema"].items():
+            live[k].data.copy_(v)
+    try:
+        with torch.no_grad(), roles.student():
+            x = one_step(backbone, z, cond, context["alpha_bar_T"]).float().clamp(-1, 1)
+    finally:
+        for k, v in saved.items():
+            live[k].data.copy_(v)
     return evaluate_images(x, digits)
 
 
+def _reset_peak_memory() -> None:
+    """Restart VmHWM from the current RSS (Linux), so each run's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _memory_kib(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in KiB (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
+    """One distillation run with FD curves; ``fd``/``accuracy`` are the exported weights'."""
     from wadi.distill import train
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    lr = cfg.lr_overrides.get(case["adapter"], cfg.demo.lr_student)
     demo = dataclasses.replace(
         cfg.demo,
         out_dir=str(Path(cfg.out_dir) / f"{case['adapter']}-r{case['rank']}-s{case['seed']}"),
@@ -65,26 +124,47 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
         student_rank=case["rank"],
         seed=case["seed"],
         steps=cfg.steps,
+        lr_student=lr,
         progress=False,
     )
     dcfg = distill_config(demo, prompts).replace(export_pipeline=False, checkpoint_every=cfg.steps)
     curve = []
+    rss_loaded = []
 
     def measure(step, context):
-        curve.append({"step": step, **_student_metrics(context, cfg.samples)})
+        if step == 0:
+            _reset_peak_memory()
+            rss_loaded.append(_memory_kib("VmRSS"))
+        point = {"step": step, **_student_metrics(context, cfg.samples)}
+        if context.get("ema") is not None:
+            ema = _student_metrics(context, cfg.samples, use_ema=True)
+            point.update(fd_ema=ema["fd"], accuracy_ema=ema["accuracy"])
+        curve.append(point)
 
     start = time.perf_counter()
     result = train(dcfg, overwrite=True, callback=measure, callback_every=cfg.eval_every)
     trainable = sum(v.numel() for v in result.student_state.values())
+    peak = _memory_kib("VmHWM")
+    exported = "_ema" if "fd_ema" in curve[-1] else ""
     return {
         **case,
+        "lr_student": lr,
         "curve": curve,
-        "fd": curve[-1]["fd"],
-        "accuracy": curve[-1]["accuracy"],
+        "fd": curve[-1]["fd" + exported],
+        "accuracy": curve[-1]["accuracy" + exported],
+        "fd_raw": curve[-1]["fd"],
         "trainable": trainable,
         "seconds_per_step": result.seconds_per_step,
+        "peak_mib_over_loaded": (
+            (peak - rss_loaded[0]) / 1024 if peak is not None and rss_loaded[0] else None
+        ),
         "wall_seconds": time.perf_counter() - start,
     }
+
+
+def _run_in_child(args) -> dict:
+    case, cfg, prompts = args
+    return run_one(case, cfg, prompts)
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -101,12 +181,20 @@ def summarize(results: list[dict]) -> list[dict]:
                 "seeds": len(rs),
                 "fd_mean": statistics.fmean(fds),
                 "fd_std": statistics.pstdev(fds) if len(fds) > 1 else 0.0,
+                "fd_raw_mean": statistics.fmean(r["fd_raw"] for r in rs),
                 "accuracy_mean": statistics.fmean(r["accuracy"] for r in rs),
+                "lr_student": rs[0]["lr_student"],
                 "trainable": rs[0]["trainable"],
                 "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in rs),
+                "peak_mib": _mean_or_none([r["peak_mib_over_loaded"] for r in rs]),
             }
         )
     return rows
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def plot_curves(results: list[dict], path: Path) -> None:
@@ -121,10 +209,23 @@ def plot_curves(results: list[dict], path: Path) -> None:
         groups.setdefault(f"{r['adapter']} r{r['rank']}", []).append(r)
     for label, rs in groups.items():
         steps = [p["step"] for p in rs[0]["curve"]]
-        mean = [statistics.fmean(r["curve"][i]["fd"] for r in rs) for i in range(len(steps))]
-        ax.plot(steps, mean, marker="o", label=label)
+        key = "fd_ema" if "fd_ema" in rs[0]["curve"][-1] else "fd"
+        mean = [
+            statistics.fmean(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs)
+            for i in range(len(steps))
+        ]
+        lo = [
+            min(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs) for i in range(len(steps))
+        ]
+        hi = [
+            max(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs) for i in range(len(steps))
+        ]
+        (line,) = ax.plot(steps, mean, marker="o", label=label)
+        if len(rs) > 1:
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
-    ax.set_ylabel("student 1-step FD (lower is better)")
+    ax.set_ylabel("student 1-step FD, EMA (lower is better)")
+    ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -135,27 +236,49 @@ def plot_curves(results: list[dict], path: Path) -> None:
 
 def format_rows(rows: list[dict]) -> str:
     lines = [
-        "| adapter | rank | seeds | FD mean | FD std | accuracy | trainable | s/step |",
-        "|---" * 8 + "|",
+        "| adapter | rank | student lr | seeds | FD mean | FD std | raw FD mean | accuracy "
+        "| trainable | s/step | peak MiB |",
+        "|---" * 11 + "|",
     ]
     for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(
-            f"| {r['adapter']} | {r['rank']} | {r['seeds']} | {r['fd_mean']:.1f} | {r['fd_std']:.1f} | "
-            f"{r['accuracy_mean']:.3f} | {r['trainable']:,} | {r['seconds_per_step']:.2f} |"
+            f"| {r['adapter']} | {r['rank']} | {r['lr_student']:g} | {r['seeds']} | "
+            f"{r['fd_mean']:.1f} | {r['fd_std']:.1f} | {r['fd_raw_mean']:.1f} | "
+            f"{r['accuracy_mean']:.3f} | {r['trainable']:,} | {r['seconds_per_step']:.2f} | {peak} |"
         )
     return "\n".join(lines)
 
 
 def run_ablation(cfg: AblationConfig) -> dict:
+    cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(out / "prompts.txt")
+    cases = runs(cfg)
     results = []
-    for case in runs(cfg):
-        results.append(run_one(case, cfg, prompts))
+
+    def done(result: dict) -> None:
+        results.append(result)
         print(
-            f"wadi ablate: {case} FD {results[-1]['fd']:.1f} accuracy {results[-1]['accuracy']:.3f}"
+            f"wadi ablate: {result['adapter']} r{result['rank']} seed {result['seed']}: "
+            f"FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
+            f"({len(results)}/{len(cases)})",
+            flush=True,
         )
+
+    if cfg.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(cfg.jobs, maxtasksperchild=1) as pool:
+            jobs = [(case, cfg, prompts) for case in cases]
+            for result in pool.imap_unordered(_run_in_child, jobs):
+                done(result)
+        order = {(c["adapter"], c["rank"], c["seed"]): i for i, c in enumerate(cases)}
+        results.sort(key=lambda r: order[(r["adapter"], r["rank"], r["seed"])])
+    else:
+        for case in cases:
+            done(run_one(case, cfg, prompts))
     rows = summarize(results)
     report = {"rows": rows, "runs": results, "config": dataclasses.asdict(cfg)}
     write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")

@@ -43,7 +43,19 @@ def register(subparsers) -> None:
     a.add_argument("--steps", type=int, default=300, help="distillation steps per run")
     a.add_argument("--eval-every", type=int, default=100, help="steps between FD measurements")
     a.add_argument("--samples", type=int, default=300, help="samples per FD measurement")
-    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    a.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel processes (1); use threads x jobs <= cores",
+    )
+    a.add_argument(
+        "--lr",
+        default="",
+        metavar="ADAPTER=LR,...",
+        help="student learning rate per adapter, e.g. full=1e-4 (default: the demo's for all)",
+    )
     a.set_defaults(func=_ablate)
 
     toy = subparsers.add_parser(
@@ -121,13 +133,25 @@ def _demo(args) -> int:
 def _ablate(args) -> int:
     import torch
 
+    from wadi.cli import UserError
+
     from .ablate import AblationConfig, format_rows, run_ablation
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
 
     def ints(text):
         return tuple(int(x) for x in text.split(",") if x.strip())
+
+    lr_overrides = {}
+    for item in (x.strip() for x in args.lr.split(",") if x.strip()):
+        adapter, _, value = item.partition("=")
+        try:
+            lr_overrides[adapter.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--lr: expected ADAPTER=LR such as full=1e-4, got {item!r}") from None
 
     cfg = AblationConfig(
         out_dir=args.out,
@@ -137,6 +161,9 @@ def _ablate(args) -> int:
         steps=args.steps,
         eval_every=args.eval_every,
         samples=args.samples,
+        lr_overrides=lr_overrides,
+        jobs=args.jobs,
+        threads=args.threads,
     )
     report = run_ablation(cfg)
     print(format_rows(report["rows"]))
