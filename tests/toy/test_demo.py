@@ -22,6 +22,11 @@ def test_short_demo_writes_report_and_grid(tmp_path):
     assert saved["generators"]["teacher_multistep"]["nfe"] == 6  # 3 steps x (cond + null)
     assert saved["generators"]["student_onestep"]["nfe"] == 1
     assert saved["config"]["demo"]["steps"] == 2 and saved["wall_seconds"] > 0
+    # the 25-step baseline uses the VSD guidance unless told otherwise; real digits give the floor
+    assert saved["reference"]["teacher_guidance"] == cfg.vsd_guidance
+    real = saved["reference"]["real_train"]
+    assert real["samples"] == 20 and real["accuracy"] >= 0.9
+    assert np.isfinite(real["fd"]) and real["fd"] >= 0
     grid = Image.open(out / "grid.png")
     assert grid.format == "PNG" and grid.size[1] == 4 * 66 + 2  # real + three generators
     assert "student_onestep" in format_table(report)

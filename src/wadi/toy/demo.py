@@ -43,12 +43,19 @@ class DemoConfig:
     lr_fake: float = 1e-2
     vsd_guidance: float = 1.5  # teacher and fake CFG inside VSD (method.md section 4)
     teacher_steps: int = 25
-    teacher_guidance: float = 3.0
+    # the 25-step baseline's CFG; None: the VSD guidance, the distribution the student is
+    # distilled towards (higher CFG trades FD for accuracy: see docs/ablation.md)
+    teacher_guidance: float | None = None
     progress: bool = True
 
     def validate(self) -> None:
         if self.steps < 1 or self.samples < 10 or self.batch_size < 1:
             raise ValueError("steps and batch size must be >= 1 and samples >= 10")
+
+    @property
+    def multistep_guidance(self) -> float:
+        """CFG scale of the 25-step teacher baseline."""
+        return self.vsd_guidance if self.teacher_guidance is None else self.teacher_guidance
 
 
 def write_prompts(path: Path) -> Path:
@@ -109,9 +116,9 @@ def evaluate_generators(teacher, student, alpha_bar_T: float, cfg: DemoConfig) -
     runs = {
         "teacher_multistep": (
             lambda: sample_teacher(
-                teacher, digits, cfg.teacher_steps, cfg.teacher_guidance, cfg.seed + 1
+                teacher, digits, cfg.teacher_steps, cfg.multistep_guidance, cfg.seed + 1
             ),
-            cfg.teacher_steps * (2 if cfg.teacher_guidance != 1.0 else 1),
+            cfg.teacher_steps * (2 if cfg.multistep_guidance != 1.0 else 1),
         ),
         "teacher_onestep": (lambda: one_step_images(teacher, digits, z, alpha_bar_T), 1),
         "student_onestep": (lambda: one_step_images(student, digits, z, alpha_bar_T), 1),
@@ -175,12 +182,17 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     student = load_backbone(result.final_dir / "pipeline")
     metrics, images = evaluate_generators(teacher, student, alpha_bar_T, cfg)
 
-    _, _, test_x, test_y = load_digits_split()
+    train_x, train_y, test_x, test_y = load_digits_split()
+    # the floor: real training digits against the held-out ones, same number of samples
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
+    pick = pick[: min(cfg.samples, len(train_x))]
+    reference = {**evaluate_images(train_x[pick], train_y[pick]), "samples": len(pick)}
     real = torch.stack([test_x[test_y == d][0] for d in range(10)])
     save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, out / "grid.png")
     report = {
         "generators": metrics,
         "goals": goals(metrics),
+        "reference": {"real_train": reference, "teacher_guidance": cfg.multistep_guidance},
         "config": {"demo": asdict(cfg), "distill": dcfg.to_dict()},
         "distill": {
             "steps": result.steps,

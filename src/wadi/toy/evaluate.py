@@ -93,7 +93,7 @@ def sample_teacher(
     backbone,
     digits,
     steps: int = 25,
-    guidance: float = 3.0,
+    guidance: float = 1.5,
     seed: int = 0,
     template: int = 0,
     batch_size: int = 500,
