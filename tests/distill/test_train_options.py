@@ -122,3 +122,37 @@ def test_final_pipeline_holds_the_ema_weights(teachers, prompts, tmp_path):
     )
     assert all(torch.allclose(final[k], ema[k], rtol=0, atol=1e-6) for k in final)
     assert any(not torch.allclose(final[k], raw[k], rtol=0, atol=1e-6) for k in final)
+
+
+def test_fake_updates_step_the_fake_score_k_times_per_iteration(
+    teachers, prompts, tmp_path, monkeypatch
+):
+    from wadi.distill import loop
+
+    calls = []
+    real_run = loop.Update.run
+
+    def counting_run(self, *args, **kwargs):
+        calls.append(self.name)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Update, "run", counting_run)
+    knobs = dict(max_steps=2, export_pipeline=False)
+    one = train(tiny_config(teachers["sd-eps"], prompts, tmp_path / "one", **knobs))
+    assert calls == ["student", "fake"] * 2
+    calls.clear()
+    three = train(
+        tiny_config(teachers["sd-eps"], prompts, tmp_path / "three", fake_updates=3, **knobs)
+    )
+    assert calls == ["student", "fake", "fake", "fake"] * 2
+    # the first generator step sees the same (initial) fake score, so only the fake differs then;
+    # after it the student follows a different fake score
+    assert any(not torch.equal(one.fake_state[k], three.fake_state[k]) for k in one.fake_state)
+    assert any(
+        not torch.equal(one.student_state[k], three.student_state[k]) for k in one.student_state
+    )
+
+
+def test_fake_updates_below_one_is_a_clear_error(teachers, prompts, tmp_path):
+    with pytest.raises(ValueError, match="fake_updates must be >= 1"):
+        tiny_config(teachers["sd-eps"], prompts, tmp_path / "x", fake_updates=0)

@@ -26,6 +26,11 @@ FLAGS = {
     "--fake-rank": ("fake_rank", int, "fake-score LoRaD rank (default 32)"),
     "--lr-student": ("lr_student", float, "student learning rate (1e-4)"),
     "--lr-fake": ("lr_fake", float, "fake-score learning rate (1e-2)"),
+    "--fake-updates": (
+        "fake_updates",
+        int,
+        "fake-score updates per generator update (1, the paper)",
+    ),
     "--guidance-scale": ("guidance_scale", float, "CFG scale of teacher and fake score (1.5)"),
     "--alpha-bar-T": (
         "alpha_bar_T",

@@ -68,6 +68,9 @@ class DistillConfig:
     fake_t_min: int = 0
     fake_t_max: int = 999
     null_prompt_prob: float = 0.1  # fake-score update only
+    # fake-score updates per generator update (1 in the paper; DMD2's two time-scale rule uses
+    # more so the fake score tracks the moving student). Extra ones draw fresh student samples.
+    fake_updates: int = 1
 
     # optimisation
     resolution: int = 512
@@ -132,6 +135,7 @@ class DistillConfig:
                 0 <= self.null_prompt_prob <= 1,
                 f"null_prompt_prob must be in [0, 1], got {self.null_prompt_prob}",
             ),
+            (self.fake_updates >= 1, f"fake_updates must be >= 1, got {self.fake_updates}"),
             (self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale}"),
             (
                 self.alpha_bar_T is None or 0 < self.alpha_bar_T < 1,

@@ -8,7 +8,8 @@ One iteration (method.md section 4), per process, batch of prompts ``c``:
 4. Generator loss ``0.5 * mean((x0 - sg(x0 - g))^2)``, ``g = (1 - abar_t)(eps_real - eps_fake)``;
    clip, step.
 5. Fake-score loss on ``x0.detach()`` with fresh noise, ``t ~ U{0..999}``, 10 % null
-   prompts; step.
+   prompts; step.  With ``fake_updates = k > 1`` this repeats k - 1 more times, each on a
+   fresh student sample (no gradient) of the same prompts.
 
 Multi-process: every process holds the same frozen base; adapter gradients are
 averaged with one all-reduce per update (no DDP wrapper, so two adapters on one
@@ -281,14 +282,22 @@ def vsd_iteration(
     ok_g, norm_g = student.run(loss_g, roles.student, step, config.warmup_steps)
 
     # 5: fake-score update on the same x0, fresh noise and timesteps, 10 % null prompts
-    eps2 = torch.randn(shape, generator=generator, device=device)
-    t2 = sample_timesteps(len(z), config.fake_t_min, config.fake_t_max, generator, device)
-    keep = torch.rand(len(z), generator=generator, device=device) >= config.null_prompt_prob
-    x_t2 = add_noise(x0.detach().float(), eps2, abar[t2])
-    with autocast(), roles.fake():
-        eps_pred = backbone.predict_eps(x_t2, t2, cond.where(keep, null_cond))
-    loss_f = fake_score_loss(eps_pred, eps2, abar[t2])
-    ok_f, norm_f = fake.run(loss_f, roles.fake, step, config.warmup_steps)
+    x0 = x0.detach().float()
+    ok_f = True
+    for k in range(config.fake_updates):
+        if k > 0:  # further updates (two time-scale rule): a fresh sample of the moved student
+            z = torch.randn(shape, generator=generator, device=device)
+            with torch.no_grad(), autocast(), roles.student():
+                x0 = one_step(backbone, z, cond, alpha_bar_T, config.generator_timestep).float()
+        eps2 = torch.randn(shape, generator=generator, device=device)
+        t2 = sample_timesteps(len(z), config.fake_t_min, config.fake_t_max, generator, device)
+        keep = torch.rand(len(z), generator=generator, device=device) >= config.null_prompt_prob
+        x_t2 = add_noise(x0, eps2, abar[t2])
+        with autocast(), roles.fake():
+            eps_pred = backbone.predict_eps(x_t2, t2, cond.where(keep, null_cond))
+        loss_f = fake_score_loss(eps_pred, eps2, abar[t2])
+        ok, norm_f = fake.run(loss_f, roles.fake, step, config.warmup_steps)
+        ok_f = ok_f and ok
     return loss_g.detach(), loss_f.detach(), ok_g, norm_g, ok_f, norm_f
 
 
