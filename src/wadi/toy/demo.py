@@ -30,7 +30,7 @@ class DemoConfig:
     """The demo's knobs; defaults target <= 10 minutes on 2 CPU cores."""
 
     out_dir: str = "demo-output"
-    steps: int = 600
+    steps: int = 500
     seed: int = 0
     samples: int = 500
     batch_size: int = 16
@@ -41,6 +41,7 @@ class DemoConfig:
     ema_decay: float | None = 0.99  # the student oscillates; its EMA is exported
     lr_student: float = 1e-3
     lr_fake: float = 1e-2
+    fake_updates: int = 3  # fake-score steps per student step; 1 (the paper's) stalls here
     vsd_guidance: float = 1.5  # teacher and fake CFG inside VSD (method.md section 4)
     teacher_steps: int = 25
     # the 25-step baseline's CFG; None: the VSD guidance, the distribution the student is
@@ -85,6 +86,7 @@ def distill_config(cfg: DemoConfig, prompts: Path):
         lr_student=cfg.lr_student,
         lr_fake=cfg.lr_fake,
         guidance_scale=cfg.vsd_guidance,
+        fake_updates=cfg.fake_updates,
         seed=cfg.seed,
         checkpoint_every=cfg.steps,
         keep_checkpoints=1,
