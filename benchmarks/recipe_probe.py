@@ -1,0 +1,65 @@
+"""Probe a change to the digits demo's recipe: FD of the raw student and its EMA every N steps.
+
+    python benchmarks/recipe_probe.py fu3 --distill '{"fake_updates": 3}'
+    python benchmarks/recipe_probe.py conv --demo '{"include_conv": true, "fake_rank": 16}'
+
+``--demo`` changes :class:`wadi.toy.demo.DemoConfig` fields, ``--distill`` fields of the
+:class:`wadi.distill.DistillConfig` it builds.  Prints one line per measurement (300 one-step
+samples, own noise, the training RNG untouched) and writes them to ``OUT/NAME/log.txt``.
+The probes in docs/ablation.md ran two at a time with ``--threads 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--demo", default="{}", help="JSON of DemoConfig changes")
+    parser.add_argument("--distill", default="{}", help="JSON of DistillConfig changes")
+    parser.add_argument("--out", default="/tmp/wadi-probes")
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from wadi.distill import train
+    from wadi.toy.ablate import _student_metrics
+    from wadi.toy.demo import DemoConfig, distill_config, write_prompts
+
+    out = Path(args.out) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    demo = dataclasses.replace(
+        DemoConfig(), out_dir=str(out), progress=False, **json.loads(args.demo)
+    )
+    config = distill_config(demo, write_prompts(out / "prompts.txt")).replace(
+        export_pipeline=False, **json.loads(args.distill)
+    )
+    log = (out / "log.txt").open("w")
+
+    def measure(step, context):
+        raw = _student_metrics(context, args.samples)
+        line = f"{args.name} step {step} raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
+        if context["ema"] is not None and step > 0:
+            ema = _student_metrics(context, args.samples, use_ema=True)
+            line += f" | ema FD {ema['fd']:.1f} acc {ema['accuracy']:.3f}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    start = time.perf_counter()
+    result = train(config, overwrite=True, callback=measure, callback_every=args.every)
+    print(f"{args.name}: {result.seconds_per_step:.2f} s/step, {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
