@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from wadi.distill import train
-    from wadi.toy.ablate import _student_metrics
+    from wadi.toy.ablate import student_metrics
     from wadi.toy.demo import DemoConfig, distill_config, write_prompts
 
     out = Path(args.out) / args.name
@@ -47,10 +47,10 @@ def main() -> None:
     log = (out / "log.txt").open("w")
 
     def measure(step, context):
-        raw = _student_metrics(context, args.samples)
+        raw = student_metrics(context, args.samples)
         line = f"{args.name} step {step} raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
         if context["ema"] is not None and step > 0:
-            ema = _student_metrics(context, args.samples, use_ema=True)
+            ema = student_metrics(context, args.samples, use_ema=True)
             line += f" | ema FD {ema['fd']:.1f} acc {ema['accuracy']:.3f}"
         print(line, flush=True)
         log.write(line + "\n")

@@ -65,7 +65,7 @@ def runs(cfg: AblationConfig) -> list[dict]:
     return [{"adapter": a, "rank": r, "seed": s} for a, r in cases for s in cfg.seeds]
 
 
-def _student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
+def student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
     """FD and accuracy of the student's one-step samples (own noise, seed 12345).
 
     ``use_ema``: measure with the EMA tensors swapped in (then swapped back).
@@ -135,9 +135,9 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
         if step == 0:
             _reset_peak_memory()
             rss_loaded.append(_memory_kib("VmRSS"))
-        point = {"step": step, **_student_metrics(context, cfg.samples)}
+        point = {"step": step, **student_metrics(context, cfg.samples)}
         if context.get("ema") is not None:
-            ema = _student_metrics(context, cfg.samples, use_ema=True)
+            ema = student_metrics(context, cfg.samples, use_ema=True)
             point.update(fd_ema=ema["fd"], accuracy_ema=ema["accuracy"])
         curve.append(point)
 
