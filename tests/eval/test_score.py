@@ -11,7 +11,8 @@ from PIL import Image
 from wadi.cli import main
 from wadi.eval.extractors import load_extractor
 from wadi.eval.metrics import clip_score, frechet_distance, precision_recall
-from wadi.eval.protocol import center_crop_resize, get_protocol, load_captions, write_json
+from wadi.eval.protocol import center_crop_resize, get_protocol, load_captions
+from wadi.files import write_json
 
 CAPTIONS = ["a cat", "a photo of a cat", "a dog", "two cats", "a red photo", "a cat and a dog"]
 

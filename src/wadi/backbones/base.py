@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from wadi.files import atomic_directory
-
-__all__ = ["TextCondition", "Backbone", "eps_from_model_output", "atomic_directory"]
+__all__ = ["TextCondition", "Backbone", "eps_from_model_output"]
 
 
 @dataclass

@@ -499,7 +499,6 @@ def _summary_writer(out: Path):
 def _save_checkpoint(
     config, roles, student, fake, ema, generator, step, skipped, in_a_row, rank, world
 ):
-
     out = Path(config.output_dir)
     tmp = ckpt.checkpoint_root(out) / f".tmp-{ckpt.step_dir_name(step)}"
     if rank == 0:

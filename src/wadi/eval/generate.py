@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wadi.eval.protocol import Captions, sha256_json, write_json
+from wadi.eval.protocol import Captions, sha256_json
+from wadi.files import write_json
 
 SIDECAR = "generation.json"
 # knobs that decide the pixels: resuming with any of them changed would mix two runs
@@ -190,7 +191,7 @@ def generate_images(
     state.wait_for_everyone()
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(sidecar, knobs)
+        write_json(sidecar, knobs, sort_keys=True)
     state.wait_for_everyone()
 
     total = len(captions)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from wadi import files
 from wadi.files import atomic_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -295,8 +294,3 @@ def reference_features(
         with atomic_file(cache_file) as tmp:
             save_file({"features": feats}, str(tmp), metadata={"key": json.dumps(key)})
     return feats, record
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write JSON through a temporary name renamed into place (never a partial file)."""
-    return files.write_json(path, data, sort_keys=True)

@@ -22,8 +22,8 @@ from wadi.eval.protocol import (
     extract_features,
     list_images,
     reference_features,
-    write_json,
 )
+from wadi.files import write_json
 
 METRICS = ("fid", "pr", "clip")
 DEFAULT_CACHE_DIR = Path("~/.cache/wadi/eval")
@@ -163,4 +163,4 @@ def score_images(
 
 
 def save_record(record: dict, path: str | Path) -> Path:
-    return write_json(Path(path).expanduser(), record)
+    return write_json(Path(path).expanduser(), record, sort_keys=True)

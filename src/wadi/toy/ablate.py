@@ -13,14 +13,13 @@ above what it held once the model was loaded.  Writes ``ablation.json`` and
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from wadi.files import write_text
+from wadi.files import atomic_file, write_json
 
 from .demo import DemoConfig, distill_config, write_prompts
 from .evaluate import balanced_digits, evaluate_images, noise
@@ -209,28 +208,27 @@ def plot_curves(results: list[dict], path: Path) -> None:
         groups.setdefault(f"{r['adapter']} r{r['rank']}", []).append(r)
     for label, rs in groups.items():
         steps = [p["step"] for p in rs[0]["curve"]]
-        key = "fd_ema" if "fd_ema" in rs[0]["curve"][-1] else "fd"
-        mean = [
-            statistics.fmean(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs)
-            for i in range(len(steps))
+        # per step, the seeds' FD of the exported weights (EMA where measured; step 0 has none)
+        per_step = [
+            [p.get("fd_ema", p["fd"]) for p in points] for points in zip(*(r["curve"] for r in rs))
         ]
-        lo = [
-            min(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs) for i in range(len(steps))
-        ]
-        hi = [
-            max(r["curve"][i].get(key, r["curve"][i]["fd"]) for r in rs) for i in range(len(steps))
-        ]
-        (line,) = ax.plot(steps, mean, marker="o", label=label)
+        (line,) = ax.plot(steps, [statistics.fmean(v) for v in per_step], marker="o", label=label)
         if len(rs) > 1:
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.fill_between(
+                steps,
+                [min(v) for v in per_step],
+                [max(v) for v in per_step],
+                color=line.get_color(),
+                alpha=0.15,
+            )
     ax.set_xlabel("training step")
     ax.set_ylabel("student 1-step FD, EMA (lower is better)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -281,6 +279,6 @@ def run_ablation(cfg: AblationConfig) -> dict:
             done(run_one(case, cfg, prompts))
     rows = summarize(results)
     report = {"rows": rows, "runs": results, "config": dataclasses.asdict(cfg)}
-    write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "ablation.json", report)
     plot_curves(results, out / "fd_vs_step.png")
     return report
