@@ -82,6 +82,10 @@ def test_config_json_round_trip():
 def test_two_adapters_switch_disable_and_train_independently():
     model = tiny_unet()
     inputs = unet_inputs()
+    # Reference with the base frozen, as attach leaves it: a weight that requires grad
+    # can take another CPU kernel (differs by ~4e-7 on some CPUs), and the bitwise
+    # claim below is only about the adapter being off, not about autograd's kernel choice.
+    model.requires_grad_(False)
     base_out = model(**inputs).sample
     attach(model, preset("sd-unet-student", rank=4), "student")
     attach(model, preset("sd-unet-fake", rank=2), "fake")
