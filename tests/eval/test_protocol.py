@@ -150,3 +150,23 @@ def test_reference_cache_keyed_by_protocol(tmp_path):
     _, rec4 = reference_features(ext, ref, proto, cache)
     assert not rec4["cache_hit"] and rec4["key"]["reference_count"] == 6
     assert not list(cache.glob("*.tmp*")) and len(list(cache.glob("*.safetensors"))) == 3
+
+
+def _torchvision_offset(length: int, side: int) -> int:
+    """torchvision.transforms.functional.center_crop's offset, written out independently."""
+    return int(round((length - side) / 2.0))
+
+
+@pytest.mark.parametrize("size", [(640, 425), (425, 640), (643, 640), (213, 100)])
+def test_center_crop_offset_matches_torchvision(size):
+    # 640 - 425 = 215 = 3 mod 4: torchvision rounds 107.5 to 108, floor division gives 107
+    w, h = size
+    arr = np.random.default_rng(7).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    side = min(w, h)
+    left, top = _torchvision_offset(w, side), _torchvision_offset(h, side)
+    expected = arr[top : top + side, left : left + side]
+    out = np.asarray(center_crop_resize(Image.fromarray(arr), None))
+    np.testing.assert_array_equal(out, expected)
+    if (max(w, h) - side) % 4 == 3:  # the case the old floor division got wrong
+        floor = arr[(h - side) // 2 :, (w - side) // 2 :][:side, :side]
+        assert not np.array_equal(out, floor)

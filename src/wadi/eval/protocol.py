@@ -158,13 +158,18 @@ def load_captions(path: str | Path, protocol: Protocol) -> Captions:
 
 
 def center_crop_resize(image, size: int | None = 256):
-    """RGB, centre square crop (side = shorter side), then LANCZOS resize to ``size``."""
+    """RGB, centre square crop (side = shorter side), then LANCZOS resize to ``size``.
+
+    The crop offset is ``int(round((w - side) / 2.0))`` as in torchvision's ``CenterCrop``,
+    so the crop matches torchvision-based reference pipelines pixel for pixel;
+    ``(w - side) // 2`` sits one pixel off when ``w - side`` is 3 modulo 4 (640 x 425).
+    """
     from PIL import Image
 
     image = image.convert("RGB")
     w, h = image.size
     side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
     if (w, h) != (side, side):
         image = image.crop((left, top, left + side, top + side))
     if size is not None and side != size:
