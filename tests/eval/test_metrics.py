@@ -114,10 +114,18 @@ def test_clip_score_is_mean_cosine():
     img = rng.normal(size=(20, 12)) + 1.0
     txt = rng.normal(size=(20, 12)) * 3 + 1.0
     cos = np.array([1 - scipy.spatial.distance.cosine(i, t) for i, t in zip(img, txt)])
-    assert clip_score(img, txt) == pytest.approx(np.clip(cos, 0, None).mean(), rel=1e-10)
-    assert clip_score(img, txt, clamp=False) == pytest.approx(cos.mean(), rel=1e-10)
-    assert clip_score(img, -img) == 0.0
+    assert clip_score(img, txt) == pytest.approx(cos.mean(), rel=1e-10)
+    assert clip_score(img, -img) == pytest.approx(-1.0)
     assert clip_score(img, img * 5) == pytest.approx(1.0)
+
+
+def test_clip_score_keeps_negative_cosines():
+    # pair 0: cos = +0.6, pair 1: cos = -0.8 -> raw mean -0.1 (a per-pair clamp gives 0.3)
+    img = np.array([[1.0, 0.0], [0.0, 2.0]])
+    txt = np.array([[0.6, 0.8], [0.6, -0.8]])
+    cos = [float(np.dot(i, t) / np.linalg.norm(i) / np.linalg.norm(t)) for i, t in zip(img, txt)]
+    assert cos == pytest.approx([0.6, -0.8], abs=1e-15)
+    assert clip_score(img, txt) == pytest.approx(-0.1, abs=1e-12)
 
 
 def test_metrics_accept_torch_and_reject_bad_shapes():

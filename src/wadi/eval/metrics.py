@@ -3,7 +3,7 @@
 * Frechet distance (FID when the features are Inception-v3 pool features), in float64
   with a symmetric, always-real matrix square root.
 * Precision and recall by k-nearest-neighbour manifolds (Kynkaanniemi et al. 2019, k = 3).
-* CLIP score: mean cosine similarity of paired image and text embeddings, in [0, 1].
+* CLIP score: mean cosine similarity of paired image and text embeddings, in [-1, 1].
 
 Inputs may be numpy arrays or torch tensors of shape ``(N, D)``.
 """
@@ -178,13 +178,13 @@ def precision_recall(
     return fake_inside / fake.shape[0], float(real_covered.mean())
 
 
-def clip_score(image_embeds, text_embeds, clamp: bool = True) -> float:
+def clip_score(image_embeds, text_embeds) -> float:
     """Mean cosine similarity of paired image/text embeddings (row i with row i).
 
-    Reported unscaled in [0, 1] like method.md §6 (0.31 for SD1.5), not multiplied by
-    100 or by w = 2.5 as in some papers. With ``clamp`` (default), each pair's cosine is
-    clipped at 0 before averaging, as torchmetrics and CLIPScore do; for real CLIP
-    models paired cosines are positive so the clamp rarely changes the value.
+    The raw cosine, averaged, unscaled: the convention of the COCO table in method.md
+    §6 (0.31 for SD1.5), not multiplied by 100 or by w = 2.5 as in some papers. No pair
+    is clipped at 0 (the ``w * max(cos, 0)`` of Hessel et al.'s CLIPScore): that clamp
+    would lift the mean of a model whose images miss their captions.
     """
     img = _as_float64(image_embeds, "image embeddings")
     txt = _as_float64(text_embeds, "text embeddings")
@@ -192,7 +192,4 @@ def clip_score(image_embeds, text_embeds, clamp: bool = True) -> float:
         raise ValueError(f"image embeddings {img.shape} and text embeddings {txt.shape} differ")
     img = img / np.linalg.norm(img, axis=1, keepdims=True).clip(1e-12)
     txt = txt / np.linalg.norm(txt, axis=1, keepdims=True).clip(1e-12)
-    cos = (img * txt).sum(axis=1)
-    if clamp:
-        cos = np.clip(cos, 0.0, None)
-    return float(cos.mean())
+    return float((img * txt).sum(axis=1).mean())

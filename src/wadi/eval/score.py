@@ -156,7 +156,7 @@ def score_images(
         record["clip"] = {
             **clip_extractor.describe(),
             "prefix": protocol.clip_prefix,
-            "score": "mean over captions of max(cos(image, text), 0), unscaled (0-1)",
+            "score": "mean over captions of cos(image, text), unclamped and unscaled",
         }
     record["seconds"] = round(time.time() - start, 1)
     return record
