@@ -136,3 +136,26 @@ def test_metrics_accept_torch_and_reject_bad_shapes():
         frechet_distance(np.ones(5), np.ones(5))
     with pytest.raises(ValueError, match="empty"):
         clip_score(np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+def _near_square_samples(n=60, d=64, seed=0):
+    """``n`` samples in ``d`` dims whose centred spectrum spans 8 decades of variance."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (u * np.logspace(0, -4, n)) @ v[:, :n].T + 0.01
+
+
+def test_frechet_distance_keeps_small_directions_when_n_is_close_to_d():
+    # exact construction: b = c * a gives S2 = c^2 S1, (S1 S2)^(1/2) = c S1, so
+    # FD = (1 - c)^2 (|mu1|^2 + tr S1), all in float64 with no matrix function
+    a = _near_square_samples()
+    c = 2.0
+    centred = a - a.mean(0)
+    exact = (1 - c) ** 2 * (a.mean(0) @ a.mean(0) + (centred * centred).sum() / (len(a) - 1))
+    # the old eigenvalue cut of S1^(1/2) S2 S1^(1/2) dropped the products below
+    # n * eps * max and erred by 2.6e-7 relative here
+    assert frechet_distance(a, c * a) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(c * a, a) == pytest.approx(exact, rel=1e-12)
+    stats = frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(c * a))
+    assert stats == pytest.approx(exact, rel=1e-12)

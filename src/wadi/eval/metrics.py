@@ -51,35 +51,49 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _clip_eigenvalues(eigvals: np.ndarray) -> np.ndarray:
-    """Zero the eigenvalues that are round-off (below ``D * eps * max``), keep the rest.
+    """Zero the eigenvalues that rounding explains (below ``D * eps * max``), keep the rest.
 
-    The square root amplifies noise: 1e-16 becomes 1e-8 per direction, so a singular
-    covariance would otherwise bias the trace by about ``D * 1e-8``.
+    ``eigh`` of a symmetric matrix is accurate to about ``eps * max|eig|`` per eigenvalue,
+    so a smaller value (a singular covariance's null directions, or a negative one) cannot
+    be told from zero; its square root would add ``sqrt(eps)``-sized noise to the trace.
     """
     tol = eigvals.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(eigvals).max()), 1e-300)
     return np.where(eigvals > tol, eigvals, 0.0)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix via ``eigh``.
+def _psd_factor(matrix: np.ndarray) -> np.ndarray:
+    """``F`` with ``F.T @ F == matrix`` for a symmetric PSD matrix, via ``eigh``.
 
-    Round-off eigenvalues (tiny, or negative) are set to zero, so the result is
-    real and symmetric even for rank-deficient covariances (fewer samples than dims).
+    Rows of round-off eigenvalues are dropped, so ``F`` is real even for rank-deficient
+    covariances (fewer samples than dimensions).
     """
-    sym = (matrix + matrix.T) / 2
-    eigvals, eigvecs = np.linalg.eigh(sym)
+    eigvals, eigvecs = np.linalg.eigh((matrix + matrix.T) / 2)
     eigvals = _clip_eigenvalues(eigvals)
-    return (eigvecs * np.sqrt(eigvals)) @ eigvecs.T
+    keep = eigvals > 0
+    return np.sqrt(eigvals[keep])[:, None] * eigvecs[:, keep].T
+
+
+def _trace_sqrt_product(factor1: np.ndarray, factor2: np.ndarray) -> float:
+    """``tr((S1 S2)^(1/2))`` for ``S1 = F1.T F1`` and ``S2 = F2.T F2``: the nuclear norm of ``F1 F2.T``.
+
+    The eigenvalues of ``S1 S2`` are those of ``M M.T`` with ``M = F1 F2.T``, so their square
+    roots are the singular values of ``M``. Taking them from an SVD of ``M`` (accurate to
+    ``eps * |M|``) instead of the eigenvalues of ``S1^(1/2) S2 S1^(1/2)`` (accurate to
+    ``eps * |M|^2``, then square-rooted) keeps the small directions that appear when the
+    sample count is close to the dimension; no eigenvalue needs cutting.
+    """
+    if factor1.shape[0] == 0 or factor2.shape[0] == 0:
+        return 0.0
+    return float(np.linalg.svd(factor1 @ factor2.T, compute_uv=False).sum())
 
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
-    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``.  The trace term is
-    computed as ``sum(sqrt(eig(S1^(1/2) S2 S1^(1/2))))``: that matrix is symmetric PSD
-    and similar to ``S1 S2``, so its eigenvalues are real and non-negative. This avoids
-    the complex parts and the ``eps * I`` retries that ``scipy.linalg.sqrtm(S1 @ S2)``
-    needs on singular covariances.
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))``.  The trace term is the sum
+    of the singular values of ``F1 F2.T`` where ``S = F.T F`` comes from ``eigh`` of each
+    covariance: real and non-negative by construction, without the complex parts and the
+    ``eps * I`` retries that ``scipy.linalg.sqrtm(S1 @ S2)`` needs on singular covariances.
     """
     mu1 = np.asarray(mu1, dtype=np.float64).reshape(-1)
     mu2 = np.asarray(mu2, dtype=np.float64).reshape(-1)
@@ -91,10 +105,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
             f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
             f"mu2 {mu2.shape}, sigma2 {sigma2.shape} (features of different extractors?)"
         )
-    sqrt1 = _psd_sqrt(sigma1)
-    middle = sqrt1 @ sigma2 @ sqrt1
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(_clip_eigenvalues(eig)).sum()
+    tr_covmean = _trace_sqrt_product(_psd_factor(sigma1), _psd_factor(sigma2))
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean
     # round-off can make identical distributions give -1e-12
@@ -104,10 +115,11 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 def frechet_distance(features_a, features_b) -> float:
     """Frechet distance between the Gaussian fits of two ``(N, D)`` feature sets.
 
-    With fewer samples than dimensions on one side (``n < D``), the trace term uses the
-    exact n x n form: the non-zero eigenvalues of ``S1^(1/2) S2 S1^(1/2)`` are those of
-    ``A S2 A^T / (n - 1)`` where ``A`` holds the centred samples of that side, so no
-    D x D eigendecomposition is needed.
+    Works from the samples, not the covariances: with ``A`` the centred samples of one
+    side, ``S = A.T A / (n - 1) = R.T R`` for the ``R`` of a QR of ``A / sqrt(n - 1)``
+    (``min(n, D) x D``), so the trace term is the nuclear norm of ``R1 R2.T``. No
+    covariance is squared and none of its eigenvalues is cut, so the result stays accurate
+    to float64 round-off also when the sample count is close to the dimension.
     """
     a = _as_float64(features_a, "features_a")
     b = _as_float64(features_b, "features_b")
@@ -116,16 +128,17 @@ def frechet_distance(features_a, features_b) -> float:
             f"statistics do not match: features of size {a.shape[1]} and {b.shape[1]} "
             "(features of different extractors?)"
         )
-    mu1, s1 = gaussian_stats(a)
-    mu2, s2 = gaussian_stats(b)
-    if min(len(a), len(b)) >= a.shape[1]:
-        return frechet_distance_from_stats(mu1, s1, mu2, s2)
-    small, other_sigma = (a - mu1, s2) if len(a) <= len(b) else (b - mu2, s1)
-    gram = small @ other_sigma @ small.T / (len(small) - 1)
-    eig = np.linalg.eigvalsh((gram + gram.T) / 2)
-    tr_covmean = np.sqrt(_clip_eigenvalues(eig)).sum()
-    diff = mu1 - mu2
-    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
+    factors, traces, means = [], [], []
+    for x in (a, b):
+        if x.shape[0] < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, got {x.shape[0]}")
+        mu = x.mean(axis=0)
+        centred = (x - mu) / np.sqrt(x.shape[0] - 1)
+        factors.append(np.linalg.qr(centred, mode="r"))
+        traces.append(float((centred * centred).sum()))
+        means.append(mu)
+    diff = means[0] - means[1]
+    value = diff @ diff + traces[0] + traces[1] - 2.0 * _trace_sqrt_product(*factors)
     return float(max(value, 0.0))
 
 
