@@ -52,3 +52,31 @@ def test_shape_errors():
         TextCondition.cat([_cond(1), _cond(1, masked=False)])
     with pytest.raises(ValueError, match="entries"):
         _cond(2).where(torch.tensor([True]), _cond(1))
+
+
+def _full(batch=2, fill=0.0):
+    return TextCondition(
+        torch.full((batch, 3, 2), fill),
+        torch.ones(batch, 3, dtype=torch.long),
+        pooled=torch.full((batch, 5), fill),
+        extras={"time_ids": torch.full((batch, 6), fill)},
+    )
+
+
+def test_pooled_and_extras_follow_every_batch_operation():
+    c = TextCondition.cat([_full(2, 1.0), _full(1, 2.0)])
+    assert c.pooled.shape == (3, 5) and c.extras["time_ids"].shape == (3, 6)
+    assert c[2].pooled[0, 0] == 2.0 and c[[0]].extras["time_ids"][0, 0] == 1.0
+    null = _full(1, -1.0)
+    mixed = c.where(torch.tensor([True, False, True]), null)
+    assert mixed.pooled[:, 0].tolist() == [1.0, -1.0, 2.0]
+    assert mixed.extras["time_ids"][:, 0].tolist() == [1.0, -1.0, 2.0]
+    assert null.expand(4).pooled.shape == (4, 5)
+    half = c.to(dtype=torch.float16)
+    assert half.pooled.dtype == torch.float16 and half.mask.dtype == torch.long
+    with pytest.raises(ValueError, match="pooled"):
+        TextCondition.cat([_full(1), TextCondition(torch.zeros(1, 3, 2), torch.ones(1, 3))])
+    with pytest.raises(ValueError, match="pooled must be"):
+        TextCondition(torch.zeros(2, 3, 2), pooled=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="extras"):
+        TextCondition(torch.zeros(2, 3, 2), extras={"time_ids": torch.zeros(1, 6)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "TextCondition": "base",
+    "TextCondition": "conditioning",
     "Backbone": "base",
     "eps_from_model_output": "base",
     "load_backbone": "registry",

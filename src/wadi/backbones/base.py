@@ -10,100 +10,15 @@ the teacher is the same module with adapters disabled.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .conditioning import TextCondition
+
 __all__ = ["TextCondition", "Backbone", "eps_from_model_output"]
-
-
-@dataclass
-class TextCondition:
-    """Text conditioning for a batch: embeddings and (T5 only) the attention mask.
-
-    ``embeds`` is ``(B, L, D)``; ``mask`` is ``(B, L)`` with 1 for real tokens
-    (PixArt/T5) or ``None`` (SD/CLIP, which attends to the padding too).
-    Indexing always keeps the batch dimension (an int ``i`` selects ``[i:i+1]``).
-    """
-
-    embeds: Tensor
-    mask: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.embeds.ndim != 3:
-            raise ValueError(
-                f"TextCondition.embeds must be (B, L, D), got {tuple(self.embeds.shape)}"
-            )
-        if self.mask is not None and tuple(self.mask.shape) != tuple(self.embeds.shape[:2]):
-            raise ValueError(
-                f"TextCondition.mask must be (B, L) = {tuple(self.embeds.shape[:2])}, "
-                f"got {tuple(self.mask.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def __getitem__(self, idx) -> TextCondition:
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        if isinstance(idx, (list, tuple)):
-            idx = torch.as_tensor(idx, dtype=torch.long)
-        if isinstance(idx, Tensor):
-            idx = idx.to(self.embeds.device)
-        mask = None if self.mask is None else self.mask[idx]
-        return TextCondition(self.embeds[idx], mask)
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeds.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeds.dtype
-
-    def to(self, device=None, dtype=None) -> TextCondition:
-        """Move to ``device``; ``dtype`` applies to the embeddings only (the mask stays integer)."""
-        embeds = self.embeds.to(device=device, dtype=dtype)
-        mask = None if self.mask is None else self.mask.to(device=device)
-        return TextCondition(embeds, mask)
-
-    def expand(self, batch: int) -> TextCondition:
-        """A batch-1 condition repeated ``batch`` times (e.g. the null prompt)."""
-        if len(self) == batch:
-            return self
-        if len(self) != 1:
-            raise ValueError(f"cannot expand a TextCondition of batch {len(self)} to {batch}")
-        mask = None if self.mask is None else self.mask.expand(batch, -1)
-        return TextCondition(self.embeds.expand(batch, -1, -1), mask)
-
-    @staticmethod
-    def cat(parts: list[TextCondition]) -> TextCondition:
-        """Concatenate along the batch dimension."""
-        if not parts:
-            raise ValueError("TextCondition.cat needs at least one part")
-        has_mask = {p.mask is not None for p in parts}
-        if len(has_mask) != 1:
-            raise ValueError("cannot concatenate TextConditions with and without attention masks")
-        embeds = torch.cat([p.embeds for p in parts], dim=0)
-        mask = torch.cat([p.mask for p in parts], dim=0) if has_mask == {True} else None
-        return TextCondition(embeds, mask)
-
-    def where(self, keep: Tensor, other: TextCondition) -> TextCondition:
-        """Per row: ``self`` where ``keep`` is true, else ``other`` (batch B or 1, e.g. the null prompt)."""
-        other = other.expand(len(self))
-        keep = keep.to(device=self.embeds.device, dtype=torch.bool).reshape(-1)
-        if keep.shape[0] != len(self):
-            raise ValueError(f"keep has {keep.shape[0]} entries for a batch of {len(self)}")
-        embeds = torch.where(keep[:, None, None], self.embeds, other.embeds.to(self.embeds))
-        if (self.mask is None) != (other.mask is None):
-            raise ValueError("cannot mix TextConditions with and without attention masks")
-        mask = None
-        if self.mask is not None:
-            mask = torch.where(keep[:, None], self.mask, other.mask.to(self.mask))
-        return TextCondition(embeds, mask)
 
 
 def eps_from_model_output(
