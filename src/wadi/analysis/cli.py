@@ -78,6 +78,7 @@ def run(args) -> int:
     import sys
 
     from wadi.cli import UserError
+    from wadi.files import check_writable, output_errors
 
     from .report import analyze, summary_table, write_report
     from .sources import open_source
@@ -93,26 +94,35 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; give a folder path")
     student_path = args.student if args.student is not None else args.teacher
-    with (
-        open_source(args.teacher, args.teacher_adapter, variant=args.variant) as teacher,
-        open_source(student_path, args.student_adapter, variant=args.variant) as student,
-    ):
-        swaps = {kind: swap_target(out, kind, student.layout) for kind in dict.fromkeys(args.swap)}
-        out.mkdir(parents=True, exist_ok=True)
-        report = analyze(
-            teacher,
-            student,
-            energy_fraction=args.energy_fraction,
-            energy_target=args.energy_target,
-            svd=not args.no_svd,
-            include=args.include,
-            exclude=args.exclude,
-            linear_only=args.linear_only,
-            swaps=swaps,
-            device=args.device,
-            progress=not args.quiet,
-        )
-    written = write_report(report, out, plots=not args.no_plots)
+    created = not out.exists()
+    try:
+        with (
+            open_source(args.teacher, args.teacher_adapter, variant=args.variant) as teacher,
+            open_source(student_path, args.student_adapter, variant=args.variant) as student,
+        ):
+            swaps = {
+                kind: swap_target(out, kind, student.layout) for kind in dict.fromkeys(args.swap)
+            }
+            check_writable(out)  # a read-only or misplaced --out fails now, not after the work
+            with output_errors(out):
+                report = analyze(
+                    teacher,
+                    student,
+                    energy_fraction=args.energy_fraction,
+                    energy_target=args.energy_target,
+                    svd=not args.no_svd,
+                    include=args.include,
+                    exclude=args.exclude,
+                    linear_only=args.linear_only,
+                    swaps=swaps,
+                    device=args.device,
+                    progress=not args.quiet,
+                )
+                written = write_report(report, out, plots=not args.no_plots)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed first run leaves no empty --out behind
+        raise
     print(f"teacher: {report.teacher}")
     print(f"student: {report.student}")
     print(summary_table(report))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from wadi.files import write_text
+from wadi.files import atomic_files, write_text
 
 from .weights import SWAP_KINDS, LayerStats, layer_stats, summarize, swap
 
@@ -277,16 +277,18 @@ def _fmt(value):
 def write_report(report: Report, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
     """Write ``report.json``, ``layers.csv`` and (optionally) the PNG plots into ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = _json_safe(report.to_dict())
-    write_text(out / "report.json", json.dumps(data, indent=2) + "\n")
-    write_text(out / "layers.csv", layers_csv(report))
-    written = [out / "report.json", out / "layers.csv"]
-    if plots:
-        from .plots import write_plots
+    # all written in full before any is renamed into place: a full disk midway leaves the
+    # older report, table and plots as they were, not a new report beside an old table
+    with atomic_files(out) as stage:
+        write_text(stage / "report.json", json.dumps(data, indent=2) + "\n")
+        write_text(stage / "layers.csv", layers_csv(report))
+        names = ["report.json", "layers.csv"]
+        if plots:
+            from .plots import write_plots
 
-        written += write_plots(report, out)
-    return written
+            names += [p.name for p in write_plots(report, stage)]
+    return [out / name for name in names]
 
 
 def _cell(value, digits: int = 3) -> str:

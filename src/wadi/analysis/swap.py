@@ -9,7 +9,8 @@ the header (names, dtypes, shapes, offsets) is known from the source before
 any data, so each tensor is written as soon as it is computed and a
 multi-GB model never sits in memory.  Everything is written under a
 temporary name and renamed at the end, so an interrupted run leaves no
-partial model in place of a good one.
+partial model in place of a good one.  Nothing is hard-linked: the other files of a
+pipeline are copied, so editing the swapped model can never change the source.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from wadi.files import copy_file, fsync_dir, publish, replace_directory, temp_dir_beside
 
 from .sources import WEIGHTS_NAME, Layout
 
@@ -119,8 +122,12 @@ class StreamingSafetensorsWriter:
         if self._next != len(self._specs):
             self.abort()
             raise ValueError(f"only {self._next} of {len(self._specs)} tensors were written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
+        publish(self._tmp)  # mkstemp makes it private; the result is an ordinary file
         os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -130,13 +137,6 @@ class StreamingSafetensorsWriter:
         Path(self._tmp).unlink(missing_ok=True)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 class ModelWriter:
     """Write a copy of a source laid out as ``layout`` at ``target``, tensor by tensor.
 
@@ -144,8 +144,8 @@ class ModelWriter:
     - ``model``: ``target`` is a model folder (``config.json`` copied,
       weights in one ``diffusion_pytorch_model.safetensors``);
     - ``pipeline``: ``target`` is a pipeline folder: every other file of the
-      pipeline is hard-linked (or copied) and the denoiser subfolder is
-      written as a model folder.
+      pipeline is copied (never hard-linked: the copy must not share the
+      source's inodes) and the denoiser subfolder is written as a model folder.
 
     Tensors go in the order of ``specs``; :meth:`close` moves the result into
     place (replacing an older one only then); :meth:`abort` drops it.
@@ -165,9 +165,7 @@ class ModelWriter:
             self._tmp_dir = None
             self._writer = StreamingSafetensorsWriter(self.target, specs, metadata)
             return
-        self._tmp_dir = Path(
-            tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        )
+        self._tmp_dir = temp_dir_beside(self.target)
         try:
             if layout.kind == "pipeline":
                 model_dir = self._tmp_dir / layout.subfolder
@@ -179,7 +177,7 @@ class ModelWriter:
             model_dir.mkdir(parents=True, exist_ok=True)
             config = layout.model_dir / "config.json"
             if config.is_file():
-                shutil.copy2(config, model_dir / "config.json")
+                copy_file(config, model_dir / "config.json")
             self._writer = StreamingSafetensorsWriter(
                 model_dir / f"{WEIGHTS_NAME}.safetensors", specs, metadata
             )
@@ -189,7 +187,7 @@ class ModelWriter:
 
     @staticmethod
     def _copy_pipeline_rest(root: Path, subfolder: str, dest: Path, skip: Path) -> None:
-        """Link every file of the pipeline but its denoiser; ``skip`` (the output folder) is
+        """Copy every file of the pipeline but its denoiser; ``skip`` (the output folder) is
         left out in case it lies inside the pipeline."""
         skip = skip.resolve()
         for src in list(root.rglob("*")):
@@ -197,7 +195,7 @@ class ModelWriter:
             if rel.parts[0] == subfolder or src.is_dir() or src.resolve().is_relative_to(skip):
                 continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(src, dest / rel)
+            copy_file(src, dest / rel)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writer.write(name, tensor)
@@ -210,17 +208,11 @@ class ModelWriter:
             raise
         if self._tmp_dir is None:
             return self.target
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self._tmp_dir, self.target)
-        if old is not None:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        return self.target
+        try:
+            return replace_directory(self._tmp_dir, self.target)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         self._writer.abort()
