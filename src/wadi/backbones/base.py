@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .conditioning import TextCondition
+from .parametrization import Parametrization, from_scheduler
 
 __all__ = ["TextCondition", "Backbone", "eps_from_model_output"]
 
@@ -120,7 +121,7 @@ class Backbone:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.get("prediction_type", "epsilon")
+        return self.parametrization.prediction_type
 
     @property
     def device(self) -> torch.device:
@@ -138,6 +139,14 @@ class Backbone:
                 f"resolution {resolution} must be a positive multiple of the VAE factor {factor}"
             )
         return resolution // factor
+
+    @property
+    def parametrization(self) -> Parametrization:
+        """How this teacher's output relates to x0 and eps (from its scheduler)."""
+        param = self.__dict__.get("_parametrization")
+        if param is None:
+            param = self.__dict__["_parametrization"] = from_scheduler(self.scheduler)
+        return param
 
     def alphas_cumprod(self) -> Tensor:
         """abar_t for t = 0..T-1, float64, exactly the values the scheduler uses."""
@@ -176,6 +185,17 @@ class Backbone:
         """Raw denoiser output (same channels as ``x_t``) for timesteps ``t`` of shape (B,)."""
         raise NotImplementedError
 
+    def predict(self, x_t: Tensor, t, cond: TextCondition) -> Tensor:
+        """The denoiser's prediction in its own parametrization (eps, v, x0 or velocity).
+
+        PixArt's learned-variance half is already dropped; generators convert with
+        :attr:`parametrization`.
+        """
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(f"{len(cond)} conditions for a batch of {x_t.shape[0]} latents")
+        ts = self._timesteps(t, x_t.shape[0])
+        return self._model_output(x_t, ts, cond.to(device=x_t.device, dtype=x_t.dtype))
+
     def predict_eps(
         self, x_t: Tensor, t, cond: TextCondition, *, alpha_bar: float | Tensor | None = None
     ) -> Tensor:
@@ -192,7 +212,7 @@ class Backbone:
         if self.prediction_type == "epsilon":
             return out
         if alpha_bar is None:
-            alpha_bar = self.alphas_cumprod().to(ts.device)[ts]
+            return self.parametrization.to_eps(out, x_t, ts).to(out.dtype)
         else:
             alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).expand(x_t.shape[0])
         return eps_from_model_output(out, x_t, alpha_bar, self.prediction_type)

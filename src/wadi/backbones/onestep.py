@@ -48,10 +48,9 @@ def one_step(
 ) -> Tensor:
     """The student's sample from noise ``z`` in one network call (keeps the autograd graph).
 
-    The denoiser runs with whatever adapter is active on ``backbone.denoiser``.
-    For a v-prediction teacher the conversion to eps uses ``alpha_bar_T`` too,
-    so the result equals a 1-step DDIM whose abar at ``t`` is ``alpha_bar_T``.
+    Shorthand for ``OneStep(t, alpha_bar_T).sample(backbone, z, cond)``
+    (:mod:`wadi.generators`); the denoiser runs with whatever adapter is active.
     """
-    a = check_alpha_bar(alpha_bar_T)
-    eps = backbone.predict_eps(z, t, cond, alpha_bar=a)
-    return x0_from_eps(z, eps, a)
+    from wadi.generators import OneStep
+
+    return OneStep(t, check_alpha_bar(alpha_bar_T)).sample(backbone, z, cond)

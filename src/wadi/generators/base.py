@@ -1,0 +1,135 @@
+"""The generator protocol: sample for inference, sample with gradient for training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from wadi.backbones.parametrization import DiscreteParametrization, Parametrization
+
+__all__ = ["Generator", "make_generator"]
+
+
+class Generator:
+    """A student sampler over a fixed, decreasing list of steps (see the package docstring).
+
+    ``timesteps[0]`` starts from pure noise ``z``; each later step re-noises the previous
+    x0 prediction to its own noise level with fresh noise.  ``alpha_bar_T`` (discrete
+    schedules only) replaces the schedule's abar at ``timesteps[0]``, as the published
+    scripts' constant 0.0047 does; export then writes a scheduler with that value.
+    """
+
+    kind = ""
+
+    def __init__(self, timesteps: Sequence[int], alpha_bar_T: float | None = None):
+        steps = tuple(int(t) for t in timesteps)
+        if not steps:
+            raise ValueError("a generator needs at least one timestep")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"generator timesteps must strictly decrease, got {list(steps)}")
+        if steps[-1] < 0:
+            raise ValueError(f"generator timesteps must be >= 0, got {list(steps)}")
+        self.timesteps = steps
+        self.alpha_bar_T = None if alpha_bar_T is None else float(alpha_bar_T)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def __repr__(self) -> str:
+        extra = "" if self.alpha_bar_T is None else f", alpha_bar_T={self.alpha_bar_T}"
+        return f"{type(self).__name__}(timesteps={list(self.timesteps)}{extra})"
+
+    def to_dict(self) -> dict:
+        """What export metadata and model cards record."""
+        return {
+            "generator": self.kind,
+            "timesteps": list(self.timesteps),
+            "alpha_bar_T": self.alpha_bar_T,
+        }
+
+    # -- the path ---------------------------------------------------------------------------
+    def parametrization(self, backbone) -> Parametrization:
+        """The backbone's parametrization, with ``alpha_bar_T`` applied at the first step."""
+        param = backbone.parametrization
+        if self.timesteps[0] >= param.num_train_timesteps:
+            raise ValueError(
+                f"generator timestep {self.timesteps[0]} is outside the teacher's "
+                f"0..{param.num_train_timesteps - 1}"
+            )
+        if self.alpha_bar_T is None:
+            return param
+        if not isinstance(param, DiscreteParametrization):
+            raise ValueError(
+                "alpha_bar_T applies to discrete (DDPM) schedules only; leave it unset for "
+                "flow-matching teachers"
+            )
+        return param.with_alpha_bar(self.timesteps[0], self.alpha_bar_T)
+
+    def alpha_bar(self, backbone) -> float | None:
+        """abar at the first step (discrete schedules), as export needs it."""
+        param = self.parametrization(backbone)
+        if isinstance(param, DiscreteParametrization):
+            return float(param.alpha_bar(self.timesteps[0]))
+        return None
+
+    @staticmethod
+    def _x0(backbone, param: Parametrization, x: Tensor, t: int, cond) -> Tensor:
+        ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return param.to_x0(backbone.predict(x, ts, cond), x, ts)
+
+    def _renoise(self, param, x0: Tensor, t: int, generator, dtype) -> Tensor:
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
+        ts = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        return param.add_noise(x0.to(dtype), eps, ts)
+
+    # -- inference --------------------------------------------------------------------------
+    def sample(self, backbone, z: Tensor, cond, generator: torch.Generator | None = None) -> Tensor:
+        """x0 after all steps from noise ``z`` (re-noising draws from ``generator``).
+
+        Runs with whatever adapter is active on the backbone and keeps the autograd graph
+        (wrap in ``torch.no_grad()`` for inference).
+        """
+        param = self.parametrization(backbone)
+        x = z
+        for i, t in enumerate(self.timesteps):
+            x0 = self._x0(backbone, param, x, t, cond)
+            if i + 1 < self.num_steps:
+                x = self._renoise(param, x0, self.timesteps[i + 1], generator, z.dtype)
+        return x0
+
+    # -- training (backward simulation) -----------------------------------------------------
+    def draw_step(self, generator: torch.Generator, device) -> int:
+        """Which step this iteration trains (uniform); one-step draws nothing."""
+        if self.num_steps == 1:
+            return 0
+        return int(torch.randint(0, self.num_steps, (1,), generator=generator, device=device))
+
+    def train_sample(
+        self, backbone, z: Tensor, cond, step: int, generator: torch.Generator
+    ) -> Tensor:
+        """x0 at ``timesteps[step]`` with gradient: the student's own first ``step`` steps
+        run without gradient (DMD2's backward simulation), then one step with it."""
+        param = self.parametrization(backbone)
+        x = z
+        if step:
+            with torch.no_grad():
+                for i in range(step):
+                    x0 = self._x0(backbone, param, x, self.timesteps[i], cond)
+                    x = self._renoise(param, x0, self.timesteps[i + 1], generator, z.dtype)
+        return self._x0(backbone, param, x, self.timesteps[step], cond)
+
+
+def make_generator(timesteps: Sequence[int] | int, alpha_bar_T: float | None = None) -> Generator:
+    """:class:`OneStep` for one timestep, :class:`MultiStep` for several."""
+    from .multistep import MultiStep
+    from .onestep import OneStep
+
+    if isinstance(timesteps, int):
+        timesteps = [timesteps]
+    timesteps = list(timesteps)
+    if len(timesteps) == 1:
+        return OneStep(timesteps[0], alpha_bar_T)
+    return MultiStep(timesteps, alpha_bar_T)
