@@ -9,12 +9,16 @@ without ``--overwrite``, an output under a file or in a read-only folder.  Also
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "check_output_separate",
     "check_output_folder",
+    "writing_output",
     "check_safetensors",
     "find_damaged_safetensors",
     "DamagedFileError",
@@ -83,6 +87,47 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool, flag: str = 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {flag} {out}: {parent} is not writable")
     return out
+
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full; free space or choose another output path",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another output path",
+    errno.EACCES: "no permission to write there; choose a writable output path",
+    errno.EPERM: "no permission to write there; choose a writable output path",
+    errno.EROFS: "the file system is read-only; choose another output path",
+    errno.ENOTDIR: "a parent of it is a file; choose another output path",
+}
+
+
+def _concerns(name, out: Path) -> bool:
+    """Whether the file an error names is ``out``, inside it, a parent or a temporary sibling."""
+    path = Path(os.path.abspath(os.fsdecode(name)))
+    out = Path(os.path.abspath(out))
+    return (
+        path == out
+        or path.is_relative_to(out)
+        or out.is_relative_to(path)
+        or (path.parent == out.parent and path.name.startswith(f".{out.name}."))
+    )
+
+
+@contextlib.contextmanager
+def writing_output(out: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``out`` (full disk, read-only) into one line naming it.
+
+    Errors naming some other file (an input) pass through; one naming no file (``ENOSPC``
+    from a write) is taken to be the output's.  Pair with an atomic write, so nothing
+    partial is left either.
+    """
+    try:
+        yield
+    except OSError as err:
+        names = [n for n in (err.filename, getattr(err, "filename2", None)) if n is not None]
+        if names and not any(_concerns(n, Path(out)) for n in names):
+            raise
+        fix = _FIXES.get(err.errno, "check that it can be written, or choose another output path")
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"cannot write {out}: {reason}; {fix}") from err
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

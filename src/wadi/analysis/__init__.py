@@ -7,39 +7,50 @@
 - :mod:`wadi.analysis.report`: the streaming loop, ``report.json``/``layers.csv``;
 - :mod:`wadi.analysis.plots`: the PNG plots;
 - :mod:`wadi.analysis.swap`: writing the swapped student in the input's format.
+
+Names are imported lazily (each from its submodule on first use) so ``wadi --help``,
+which imports ``wadi.analysis.cli``, does not load torch.
 """
 
-from .report import Report, analyze, summary_table, write_report
-from .sources import open_source
-from .weights import (
-    LayerStats,
-    block_type,
-    cumulative_energy,
-    direction_change,
-    energy_at_fraction,
-    layer_stats,
-    norm_change,
-    rank_for_energy,
-    summarize,
-    swap_direction,
-    swap_norm,
-)
+from __future__ import annotations
 
-__all__ = [
-    "LayerStats",
-    "Report",
-    "analyze",
-    "block_type",
-    "cumulative_energy",
-    "direction_change",
-    "energy_at_fraction",
-    "layer_stats",
-    "norm_change",
-    "open_source",
-    "rank_for_energy",
-    "summarize",
-    "summary_table",
-    "swap_direction",
-    "swap_norm",
-    "write_report",
-]
+import importlib
+
+_EXPORTS = {
+    "Report": "report",
+    "analyze": "report",
+    "summary_table": "report",
+    "write_report": "report",
+    "open_source": "sources",
+    **{
+        name: "weights"
+        for name in (
+            "LayerStats",
+            "block_type",
+            "cumulative_energy",
+            "direction_change",
+            "energy_at_fraction",
+            "layer_stats",
+            "norm_change",
+            "rank_for_energy",
+            "summarize",
+            "swap_direction",
+            "swap_norm",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import the submodule holding ``name`` on first use, so ``wadi --help`` stays torch-free."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
