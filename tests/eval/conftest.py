@@ -84,3 +84,58 @@ def clip_folder(tmp_path_factory):
 def random_inception_state():
     """``make(seed) -> state dict`` of random FID Inception-v3 weights."""
     return _random_inception_state
+
+
+@pytest.fixture()
+def read_only(monkeypatch):
+    """``make(folder)``: a folder nothing can be written into, also when tests run as root.
+
+    chmod 0o555 is the real fault; root ignores it, so for root the calls that create
+    entries (``tempfile.mkstemp``/``mkdtemp``, ``os.mkdir``) are refused inside those
+    folders with the PermissionError the kernel gives everyone else.
+    """
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    folders: list[Path] = []
+
+    def inside(path) -> bool:
+        path = Path(path).resolve()
+        return any(path == f or f in path.parents for f in folders)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    if os.geteuid() == 0:
+        mkstemp, mkdtemp, mkdir = tempfile.mkstemp, tempfile.mkdtemp, os.mkdir
+
+        def guarded_mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and inside(dir):
+                refuse(dir)
+            return mkstemp(*args, dir=dir, **kwargs)
+
+        def guarded_mkdtemp(*args, dir=None, **kwargs):
+            if dir is not None and inside(dir):
+                refuse(dir)
+            return mkdtemp(*args, dir=dir, **kwargs)
+
+        def guarded_mkdir(path, *args, **kwargs):
+            if inside(Path(path).parent):
+                refuse(path)
+            return mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", guarded_mkstemp)
+        monkeypatch.setattr(tempfile, "mkdtemp", guarded_mkdtemp)
+        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        folders.append(folder.resolve())
+        return folder
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)

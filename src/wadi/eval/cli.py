@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -162,8 +163,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from wadi.eval.extractors import load_extractor
+    from wadi.eval.paths import check_output_file
     from wadi.eval.score import METRICS, save_record, score_images
 
+    images = Path(args.images).expanduser()
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    # refuse a bad output location before hours of feature extraction, not after
+    output = check_output_file(args.output or images / "scores.json")
+    if not args.no_cache:
+        cache = args.cache_dir.expanduser()
+        if cache.exists() and not cache.is_dir():
+            raise ValueError(
+                f"--cache-dir {cache} is an existing file, not a folder; "
+                "pass a folder or --no-cache"
+            )
     protocol, captions = _captions(args)
     if args.resize is not None:
         protocol = protocol.with_resize(args.resize or None)
@@ -200,24 +214,31 @@ def _score(args: argparse.Namespace) -> int:
             open_clip_weights=args.open_clip_weights,
             device=device,
         )
-    record = score_images(
-        args.images,
-        captions,
-        protocol,
-        reference_dir=args.reference,
-        metrics=metrics,
-        extractor=extractor,
-        clip_extractor=clip,
-        k=args.k,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        batch_size=args.batch_size,
-        workers=args.workers,
-    )
-    output = args.output or Path(args.images) / "scores.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        record = score_images(
+            args.images,
+            captions,
+            protocol,
+            reference_dir=args.reference,
+            metrics=metrics,
+            extractor=extractor,
+            clip_extractor=clip,
+            k=args.k,
+            cache_dir=None if args.no_cache else args.cache_dir,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
     save_record(record, output)
-    warning = record.get("reference", {}).get("warning")
-    if warning:
-        print(f"wadi eval score: warning: {warning}", file=sys.stderr)
+    messages = []
+    for w in caught:
+        if w.category is UserWarning:  # ours (and plain library ones): one line each
+            messages.append(str(w.message))
+        else:  # deprecations and the like: shown as Python would have
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    messages += [record.get("reference", {}).get("warning")]
+    for message in dict.fromkeys(m for m in messages if m):  # each once, in order
+        print(f"wadi eval score: warning: {message}", file=sys.stderr)
     print(json.dumps(record["results"], indent=2))
     print(f"full record: {output}")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wadi.eval.paths import check_output_dir, write_error
 from wadi.eval.protocol import Captions, sha256_json
 from wadi.files import write_json
 
@@ -155,7 +156,7 @@ def generate_images(
     if dtype is None:  # half precision on accelerators, float32 on CPU
         dtype = "float32" if state.device.type == "cpu" else "float16"
     torch_dtype = parse_dtype(dtype)
-    output_dir = Path(output_dir).expanduser()
+    output_dir = check_output_dir(output_dir)  # a file or read-only: refused before any work
     pipe = load_pipeline(model, torch_dtype, state.device)
 
     call_params = inspect.signature(pipe.__call__).parameters
@@ -190,8 +191,11 @@ def generate_images(
         _check_sidecar(sidecar, knobs)
     state.wait_for_everyone()
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(sidecar, knobs, sort_keys=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_json(sidecar, knobs, sort_keys=True)
+        except OSError as err:
+            raise write_error(sidecar, err, "--output-dir") from None
     state.wait_for_everyone()
 
     total = len(captions)
@@ -220,7 +224,11 @@ def generate_images(
                     **pipeline_kwargs,
                 ).images
             for i, image in zip(batch, to_uint8(np.asarray(out))):
-                save_png(image, output_dir / image_name(i, total))
+                path = output_dir / image_name(i, total)
+                try:  # e.g. a full disk: the finished images stay and a rerun resumes
+                    save_png(image, path)
+                except OSError as err:
+                    raise write_error(path, err, "--output-dir") from None
             bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()

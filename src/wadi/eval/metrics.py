@@ -10,9 +10,16 @@ Inputs may be numpy arrays or torch tensors of shape ``(N, D)``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+# below this many samples the Frechet distance's upward bias is large (Chong & Forsyth 2020)
+SMALL_SAMPLE = 2_000
+
 __all__ = [
+    "SMALL_SAMPLE",
+    "warn_small_sample",
     "gaussian_stats",
     "frechet_distance_from_stats",
     "frechet_distance",
@@ -34,6 +41,22 @@ def _as_float64(features, name: str = "features") -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} holds NaN or infinite values")
     return array
+
+
+def warn_small_sample(n: int, what: str = "FID", minimum: int = SMALL_SAMPLE) -> str | None:
+    """Warn (``UserWarning``) when a Frechet distance rests on fewer than ``minimum`` samples.
+
+    The estimate is biased upward, the more so the fewer the samples, so such a value
+    compares only with values from the same count.  Returns the message, or None.
+    """
+    if n >= minimum:
+        return None
+    message = (
+        f"{what} from only {n} samples (fewer than {minimum:,}) is biased upward; "
+        "compare it only with values computed from the same number of samples"
+    )
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return message
 
 
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -199,11 +200,24 @@ def folder_listing_sha256(files: Sequence[Path]) -> str:
 
 
 def load_image(path: Path, size: int | None) -> np.ndarray:
-    """One image file as uint8 ``(S, S, 3)`` after the protocol's crop and resize."""
+    """One image file as uint8 ``(S, S, 3)`` after the protocol's crop and resize.
+
+    A file PIL cannot decode (truncated, random bytes) is a ``ValueError`` naming it.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(center_crop_resize(im, size))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(center_crop_resize(im, size))
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        # PIL signals a bad file by OSError (truncated, unidentified) or SyntaxError (bad chunk)
+        reason = str(err)
+        if isinstance(err, Image.UnidentifiedImageError) or str(path) in reason:
+            reason = "no image format recognised: random bytes, or cut inside the header"
+        raise ValueError(
+            f"cannot decode image {path} ({reason}); replace or delete it "
+            "(`wadi eval generate` remakes a deleted generated image)"
+        ) from None
 
 
 def load_images(paths: Sequence[Path], size: int | None, workers: int = 4, pool=None) -> np.ndarray:
@@ -296,6 +310,14 @@ def reference_features(
         extractor, files, protocol.resize, batch_size, workers, desc=f"reference {extractor.name}"
     )
     if cache_file is not None:
-        with atomic_file(cache_file) as tmp:
-            save_file({"features": feats}, str(tmp), metadata={"key": json.dumps(key)})
+        try:
+            with atomic_file(cache_file) as tmp:
+                save_file({"features": feats}, str(tmp), metadata={"key": json.dumps(key)})
+        except OSError as err:  # a read-only cache must not throw the features away
+            record["cache_file"] = None
+            warnings.warn(
+                f"reference features not cached: cannot write {cache_file} "
+                f"({err.strerror or err}); pass a writable --cache-dir or --no-cache",
+                stacklevel=2,
+            )
     return feats, record

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from wadi.eval.generate import SIDECAR
-from wadi.eval.metrics import clip_score, frechet_distance, precision_recall
+from wadi.eval.metrics import clip_score, frechet_distance, precision_recall, warn_small_sample
+from wadi.eval.paths import write_error
 from wadi.eval.protocol import (
     Captions,
     Protocol,
@@ -135,6 +136,10 @@ def score_images(
         record["reference"] = ref_record
         if "fid" in metrics:
             record["results"]["fid"] = frechet_distance(gen, ref)
+            what = "FID" if extractor.name == "inception" else f"FD of {extractor.name} features"
+            small = warn_small_sample(min(len(gen), len(ref)), what)
+            if small:
+                record.setdefault("warnings", []).append(small)
         if "pr" in metrics:
             precision, recall = precision_recall(ref, gen, k=k)
             record["results"].update(precision=precision, recall=recall)
@@ -163,4 +168,9 @@ def score_images(
 
 
 def save_record(record: dict, path: str | Path) -> Path:
-    return write_json(Path(path).expanduser(), record, sort_keys=True)
+    """Write the record atomically; a failed write is one ``ValueError`` naming the path."""
+    path = Path(path).expanduser()
+    try:
+        return write_json(path, record, sort_keys=True)
+    except OSError as err:
+        raise write_error(path, err, "--output") from None
