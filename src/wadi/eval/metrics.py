@@ -2,7 +2,8 @@
 
 * Frechet distance (FID when the features are Inception-v3 pool features), in float64
   with a symmetric, always-real matrix square root.
-* Precision and recall by k-nearest-neighbour manifolds (Kynkaanniemi et al. 2019, k = 3).
+* Precision and recall by k-nearest-neighbour manifolds (Kynkaanniemi et al. 2019, k = 3),
+  on whatever features are passed (VGG-16 in the original work; see ``precision_recall``).
 * CLIP score: mean cosine similarity of paired image and text embeddings, in [-1, 1].
 
 Inputs may be numpy arrays or torch tensors of shape ``(N, D)``.
@@ -198,6 +199,11 @@ def precision_recall(
     Recall: fraction of real samples inside the generated manifold, defined likewise.
     Both come from one pass over the generated-to-real distances, ``batch_size`` rows
     at a time (memory ~ ``batch_size * N_real * 8`` bytes).
+
+    The values depend on the features: Kynkaanniemi et al. use VGG-16 fc2 features
+    (4096-d). ``wadi eval score`` passes the FID extractor's features (Inception-v3 pool,
+    2048-d, for the COCO protocol), so its numbers compare with papers that do the
+    same, not directly with VGG-16 ones.
     """
     real = _as_float64(real_features, "real features")
     fake = _as_float64(fake_features, "generated features")
