@@ -157,6 +157,16 @@ class DiscreteParametrization(Parametrization):
     def model_timestep(self, t: Tensor) -> Tensor:
         return self._index(t)
 
+    def abar_equivalent(self, t: Tensor) -> Tensor:
+        """Exactly the table's ``abar_t`` (float64)."""
+        return self.alphas_cumprod[self._index(t).cpu()]
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """``sqrt(abar) x0 + sqrt(1 - abar) eps`` with abar rounded to the compute dtype first
+        (the order of operations WaDi's runs and checkpoints were made with)."""
+        a = _per_sample(self.abar_equivalent(t), x0)
+        return (a.sqrt() * x0 + (1 - a).sqrt() * eps).to(x0.dtype)
+
     def with_alpha_bar(self, t: int, value: float) -> DiscreteParametrization:
         """A copy whose ``abar`` at step ``t`` is ``value`` (the paper's constant 0.0047 option)."""
         value = float(value)
