@@ -69,3 +69,56 @@ def test_batch_indices_partition_each_epoch_across_processes():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert seen[:10] != seen[10:]  # a new permutation each epoch
     assert batch_indices(3, 1, 2, 2, 10, 1) == batch_indices(3, 1, 2, 2, 10, 1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_steps: two", "max_steps must be an integer, got 'two'"),
+        ("resolution: '16'", "resolution must be an integer (or null), got '16'"),
+        ("adam_betas: 0.9", "adam_betas must be a list of 2 numbers, got 0.9"),
+        ("export_pipeline: 'false'", "export_pipeline must be true or false, got 'false'"),
+        ("validation_prompts: seven", "validation_prompts must be a list of strings"),
+        ("student_rank: true", "student_rank must be an integer (or null), got True"),
+        ("lr_fake: 'fast'", "lr_fake must be a number, got 'fast'"),
+    ],
+)
+def test_wrong_types_in_yaml_are_one_line_naming_file_and_key(text, message, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"teacher: t\n{text}\n")
+    with pytest.raises(ValueError) as info:
+        DistillConfig.load(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_all_wrong_types_reported_together():
+    with pytest.raises(ValueError, match=r"max_steps must be .*; seed must be an integer"):
+        DistillConfig.from_dict({"max_steps": "two", "seed": 1.5})
+
+
+def test_yaml_numbers_are_normalised():
+    c = DistillConfig.from_yaml("lr_student: 1e-4\nguidance_scale: 2\nadam_betas: [0.9, 1]\n")
+    assert c.lr_student == 1e-4 and isinstance(c.guidance_scale, float)
+    assert c.adam_betas == (0.9, 1.0)
+
+
+def test_output_dir_and_unresolved_resolution_are_not_recipe_differences():
+    a = DistillConfig(teacher="t", output_dir="./run", resolution=None)
+    b = DistillConfig(teacher="t", output_dir="/somewhere/else/run/", resolution=16)
+    assert a.differences(b) == [] and b.differences(a) == []
+    assert a.differences(b.replace(resolution=16, seed=1)) == ["seed"]
+    assert DistillConfig().resolution is None  # the teacher's native size, resolved at load
+
+
+def test_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    c = DistillConfig(teacher="teacher", prompts="p.txt", output_dir="./run/").with_absolute_paths()
+    assert (c.teacher, c.prompts, c.output_dir) == (
+        str(tmp_path / "teacher"),
+        str(tmp_path / "p.txt"),
+        str(tmp_path / "run"),
+    )
+    hub = DistillConfig(teacher="org/model").with_absolute_paths()
+    assert hub.teacher == "org/model"  # nothing local by that name: kept as given

@@ -7,12 +7,17 @@ always be reproduced or resumed from its folder alone.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 ADAPTERS = ("lorad", "lora", "dora", "full")
+FULL_SCOPES = ("preset", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -30,6 +35,15 @@ RESUMABLE_CHANGES = frozenset(
         "progress",
     }
 )
+
+#: keys that never make two runs different recipes (where the run folder is, how it is shown)
+NOT_RECIPE = frozenset({"output_dir"})
+
+#: keys whose ``None`` means "the teacher's own value", resolved when the teacher loads
+RESOLVED_AT_LOAD = frozenset({"resolution"})
+
+#: keys holding file system paths: written absolute, so a run resumes from any folder
+PATH_KEYS = ("teacher", "prompts", "embeddings")
 
 
 @dataclass
@@ -54,6 +68,9 @@ class DistillConfig:
     include_conv: bool = (
         False  # also rotate nn.Conv2d kernels in the preset's blocks (beyond the paper)
     )
+    # adapter full: "preset" fine-tunes exactly the layers the student preset selects (the fair
+    # comparison with LoRaD/LoRA/DoRA), "all" every denoiser parameter
+    full_scope: str = "preset"
 
     # one-step generator (method.md section 3)
     alpha_bar_T: float | None = (
@@ -73,7 +90,7 @@ class DistillConfig:
     fake_updates: int = 1
 
     # optimisation
-    resolution: int = 512
+    resolution: int | None = None  # None: the teacher's native size (sample_size x VAE factor)
     batch_size: int = 16  # per process
     max_steps: int = 22000
     lr_student: float = 1e-4
@@ -101,13 +118,12 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.adam_betas, list):
-            self.adam_betas = tuple(self.adam_betas)
         self.validate()
 
     # -- validation -------------------------------------------------------
     def validate(self) -> None:
-        """One clear error per out-of-range value."""
+        """One clear error per wrong type (all of them, one line) or out-of-range value."""
+        self._check_types()
         checks = [
             (self.adapter in ADAPTERS, f"adapter must be one of {ADAPTERS}, got {self.adapter!r}"),
             (
@@ -120,7 +136,14 @@ class DistillConfig:
             ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.resolution >= 8, f"resolution must be >= 8 pixels, got {self.resolution}"),
+            (
+                self.resolution is None or self.resolution >= 8,
+                f"resolution must be >= 8 pixels, got {self.resolution}",
+            ),
+            (
+                self.full_scope in FULL_SCOPES,
+                f"full_scope must be one of {FULL_SCOPES}, got {self.full_scope!r}",
+            ),
             (self.lr_student > 0 and self.lr_fake > 0, "learning rates must be > 0"),
             (
                 0 <= self.generator_t_min <= self.generator_t_max <= 999,
@@ -170,6 +193,24 @@ class DistillConfig:
             if not ok:
                 raise ValueError(message)
 
+    def _check_types(self) -> None:
+        """Check every value against its field's annotation (YAML gives strings, lists, ...).
+
+        Integers count as floats (and become floats); ``adam_betas`` may be a list.
+        """
+        problems = []
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            ok, fixed = _conforms(value, hints[f.name])
+            if ok:
+                if fixed is not value:
+                    setattr(self, f.name, fixed)
+            else:
+                problems.append(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def check_inputs(self) -> None:
         """Errors for a run that cannot start (missing teacher or prompts)."""
         if not self.teacher:
@@ -200,13 +241,16 @@ class DistillConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> DistillConfig:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_Loader) or {}
         if not isinstance(data, dict):
             raise ValueError("a wadi config file must hold a YAML mapping of knob: value")
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        """Write ``config.yaml`` atomically (a full disk leaves the previous file whole)."""
+        from wadi.files import write_text
+
+        write_text(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | Path) -> DistillConfig:
@@ -217,11 +261,112 @@ class DistillConfig:
             return cls.from_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def replace(self, **changes) -> DistillConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_absolute_paths(self, base: str | Path | None = None) -> DistillConfig:
+        """Teacher, prompts, embeddings and output_dir as absolute paths (relative to ``base``,
+        default the working directory), so the saved config works from any folder.
+
+        A teacher that is not a local path (nothing there) is kept as given.
+        """
+        base = Path(base) if base is not None else Path.cwd()
+        changes = {}
+        for key in (*PATH_KEYS, "output_dir"):
+            value = getattr(self, key)
+            if not value or Path(value).is_absolute():
+                continue
+            path = os.path.normpath(base / Path(value).expanduser())
+            if key == "teacher" and not Path(path).exists():
+                continue
+            changes[key] = path
+        return self.replace(**changes) if changes else self
+
     def differences(self, other: DistillConfig) -> list[str]:
-        """Keys whose values differ, except those a resumption may change."""
+        """Keys whose values make a different recipe (not those a resumption may change,
+        not where the run folder is, not a value left to the teacher on one side)."""
         a, b = self.to_dict(), other.to_dict()
-        return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+        return [
+            k
+            for k in a
+            if k not in RESUMABLE_CHANGES
+            and k not in NOT_RECIPE
+            and not (k in RESOLVED_AT_LOAD and (a[k] is None or b[k] is None))
+            and a[k] != b[k]
+        ]
+
+
+# -- types --------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a float (PyYAML's YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(DistillConfig)
+
+
+def _conforms(value, hint) -> tuple[bool, object]:
+    """(whether ``value`` fits ``hint``, the value normalised: int -> float, list -> tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, fixed = _conforms(value, arg)
+            if ok:
+                return True, fixed
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, value if isinstance(value, float) else float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, value
+        items = [_conforms(v, a) for v, a in zip(value, args)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conforms(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return True, value
+
+
+def _describe(hint) -> str:
+    """``int | None`` -> 'an integer (or null)' for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{_describe(rest[0])} (or null)"
+    if origin is tuple:
+        return f"a list of {len(args)} {'numbers' if args[0] is float else 'values'}"
+    if origin is list:
+        return "a list of strings" if args[0] is str else "a list"
+    return names.get(hint, str(hint))
