@@ -126,14 +126,14 @@ def test_read_only_output_is_one_line_and_leaves_nothing(folders, tmp_path, read
     out = locked / "scores.json"
     rc, err, _ = _run(_score_args(images, reference, captions, "--output", str(out)), capsys)
     _one_line_error(rc, err)
-    assert f"cannot write {out}" in err and "writable --output" in err
+    assert f"cannot write --output {out}: {locked} is not writable" in err
     assert list(locked.iterdir()) == []
 
     # the default output inside a read-only image folder
     read_only(images)
     rc, err, _ = _run(_score_args(images, reference, captions, "--no-cache"), capsys)
     _one_line_error(rc, err)
-    assert str(images / "scores.json") in err
+    assert f"cannot write --output {images / 'scores.json'}" in err
     assert sorted(p.name for p in images.iterdir()) == [f"{i:05d}.png" for i in range(6)]
 
     # generate into a folder that cannot be created
@@ -143,7 +143,7 @@ def test_read_only_output_is_one_line_and_leaves_nothing(folders, tmp_path, read
         capsys,
     )  # fmt: skip
     _one_line_error(rc, err)
-    assert f"cannot write {locked / 'images'}" in err
+    assert f"cannot write --output-dir {locked / 'images'}: {locked} is not writable" in err
     assert list(locked.iterdir()) == []
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wadi.eval.paths import check_output_dir, write_error
+from wadi.eval.paths import check_output_dir
 from wadi.eval.protocol import Captions, sha256_json
 from wadi.files import write_json
+from wadi.paths import writing_output
 
 SIDECAR = "generation.json"
 # knobs that decide the pixels: resuming with any of them changed would mix two runs
@@ -191,11 +192,9 @@ def generate_images(
         _check_sidecar(sidecar, knobs)
     state.wait_for_everyone()
     if state.is_main_process:
-        try:
+        with writing_output(sidecar):
             output_dir.mkdir(parents=True, exist_ok=True)
             write_json(sidecar, knobs, sort_keys=True)
-        except OSError as err:
-            raise write_error(sidecar, err, "--output-dir") from None
     state.wait_for_everyone()
 
     total = len(captions)
@@ -225,10 +224,8 @@ def generate_images(
                 ).images
             for i, image in zip(batch, to_uint8(np.asarray(out))):
                 path = output_dir / image_name(i, total)
-                try:  # e.g. a full disk: the finished images stay and a rerun resumes
+                with writing_output(path):  # a full disk: finished images stay, a rerun resumes
                     save_png(image, path)
-                except OSError as err:
-                    raise write_error(path, err, "--output-dir") from None
             bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()

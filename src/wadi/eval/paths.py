@@ -2,7 +2,10 @@
 
 An evaluation can run for hours; finding only at the end that its folder is a file or
 read-only would throw the work away.  Each check raises one ``ValueError`` naming the
-path and the fix, which the command line prints as one line.
+path and the fix, which the command line prints as one line.  Unlike
+:func:`wadi.paths.check_output_folder` (``os.access``), writability is probed by creating
+a file, which also catches root on a read-only share and ACLs; a later write error
+still goes through :func:`wadi.paths.writing_output`.
 """
 
 from __future__ import annotations
@@ -11,13 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["check_output_dir", "check_output_file", "write_error"]
-
-
-def write_error(path: str | os.PathLike, err: OSError, flag: str) -> ValueError:
-    """A one-line error for a failed write to ``path``: the reason, and to pick another place."""
-    reason = err.strerror or type(err).__name__
-    return ValueError(f"cannot write {path} ({reason}); pass a writable {flag}")
+__all__ = ["check_output_dir", "check_output_file"]
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -38,7 +35,11 @@ def _check_folder(folder: Path, shown: Path, flag: str) -> None:
     try:  # os.access is not enough: root, read-only mounts and ACLs all fool it
         fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".wadi-write-probe-")
     except OSError as err:
-        raise write_error(shown, err, flag) from None
+        reason = err.strerror or type(err).__name__
+        raise ValueError(
+            f"cannot write {flag} {shown}: {ancestor} is not writable ({reason}); "
+            f"choose a writable {flag}"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 

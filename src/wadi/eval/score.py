@@ -16,7 +16,6 @@ import numpy as np
 
 from wadi.eval.generate import SIDECAR
 from wadi.eval.metrics import clip_score, frechet_distance, precision_recall, warn_small_sample
-from wadi.eval.paths import write_error
 from wadi.eval.protocol import (
     Captions,
     Protocol,
@@ -25,6 +24,7 @@ from wadi.eval.protocol import (
     reference_features,
 )
 from wadi.files import write_json
+from wadi.paths import writing_output
 
 METRICS = ("fid", "pr", "clip")
 DEFAULT_CACHE_DIR = Path("~/.cache/wadi/eval")
@@ -170,7 +170,5 @@ def score_images(
 def save_record(record: dict, path: str | Path) -> Path:
     """Write the record atomically; a failed write is one ``ValueError`` naming the path."""
     path = Path(path).expanduser()
-    try:
+    with writing_output(path):
         return write_json(path, record, sort_keys=True)
-    except OSError as err:
-        raise write_error(path, err, "--output") from None
