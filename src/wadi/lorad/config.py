@@ -57,6 +57,7 @@ class LoRaDConfig:
     def from_dict(cls, data: dict) -> LoRaDConfig:
         data = dict(data)
         kind = data.pop("adapter_type", "lorad")
+        data.pop("role", None)  # run metadata written by save_adapter, not a LoRaD setting
         if kind != "lorad":
             raise ValueError(f"not a LoRaD adapter config (adapter_type={kind!r})")
         known = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -3,11 +3,15 @@
 Only the angle factors are written (keys ``<module>.lorad_A`` and
 ``<module>.lorad_B``, module names as in the unwrapped model), never the base
 weights.  Files are written to a temporary name and renamed, so a crash never
-leaves a half-written adapter in place of a good one.
+leaves a half-written adapter in place of a good one.  ``adapter_config.json``
+also records the adapter's ``role`` in a distillation run ("student" or "fake"),
+so commands that need the student can refuse the fake score by name; adapters
+saved before roles were recorded have none and still load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from .config import CONFIG_NAME, LoRaDConfig
 from .model import adapter_config, adapter_names, attach, lorad_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: roles of a distillation run's adapters; an adapter with that name gets that role by default
+ROLES = ("student", "fake")
 
 __all__ = [
     "save_adapter",
@@ -29,6 +35,8 @@ __all__ = [
     "adapter_state_dict",
     "AdapterMismatchError",
     "WEIGHTS_NAME",
+    "adapter_role",
+    "require_role",
 ]
 
 
@@ -48,9 +56,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default"
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    role: str | None = None,
 ) -> Path:
-    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed)."""
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` (created if needed).
+
+    ``role`` ("student" or "fake") is recorded in ``adapter_config.json``; by default an
+    adapter named "student" or "fake" gets that role and any other name none.
+    """
+    if role is None and adapter_name in ROLES:
+        role = adapter_name
+    if role is not None and role not in ROLES:
+        raise ValueError(f"adapter role must be one of {', '.join(ROLES)}, got {role!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, adapter_name)
@@ -60,8 +80,36 @@ def save_adapter(
     metadata = {"format": "pt", "wadi_adapter": "lorad", "adapter_name": adapter_name}
     with atomic_file(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-    write_text(directory / CONFIG_NAME, config.to_json() + "\n")
+    data = config.to_dict()
+    if role is not None:
+        data["role"] = role
+    write_text(directory / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def adapter_role(directory: str | os.PathLike) -> str | None:
+    """The role recorded in ``directory/adapter_config.json`` ("student", "fake"), or ``None``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} a wadi adapter folder?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter looks damaged") from None
+    return data.get("role") if isinstance(data, dict) else None
+
+
+def require_role(directory: str | os.PathLike, role: str) -> None:
+    """Refuse an adapter whose recorded role is not ``role`` (no recorded role passes)."""
+    found = adapter_role(directory)
+    if found is not None and found != role:
+        hint = (
+            " (the run's fake score, trained only to guide the student)" if found == "fake" else ""
+        )
+        raise ValueError(
+            f"adapter {directory} is the {found} adapter{hint}, not the {role}: give the run's "
+            f"{role}_adapter folder (OUTPUT/final/{role}_adapter)"
+        )
 
 
 def load_adapter(
@@ -83,8 +131,15 @@ def load_adapter(
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: is {directory} a wadi LoRaD adapter folder?")
     config = LoRaDConfig.load(directory)
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SafetensorError: a damaged file, one line
+        from wadi.paths import DamagedFileError, damaged_message
+
+        raise DamagedFileError(damaged_message(weights, err)) from None
 
     expected = _expected_shapes(model, config, adapter_name)
     problems = _compare(expected, saved)
