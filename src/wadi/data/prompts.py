@@ -1,7 +1,10 @@
 """Read prompt lists: ``.txt``, ``.jsonl`` (JourneyDB and friends), ``.csv``, ``.parquet``.
 
-Training uses prompts only.  Every reader returns stripped, non-empty,
-de-duplicated prompts (first occurrence kept), optionally in a seeded shuffle.
+Training uses prompts only, so by default every reader returns stripped,
+non-empty, de-duplicated prompts (first occurrence kept), optionally in a seeded
+shuffle: a repeated prompt would only weigh more in the training mix.  Image
+generation needs the opposite (image ``i`` is record ``i`` of the file), so
+``unique=False`` keeps every record in file order and refuses empty ones.
 Bad input fails with one line naming the file, the problem and the fix.
 """
 
@@ -14,6 +17,9 @@ from pathlib import Path
 
 __all__ = ["load_prompts", "PROMPT_COLUMNS", "JSONL_KEYS", "clean_prompts"]
 
+#: how the column option is named in messages when the caller does not say (generate and
+#: embed call it --column, distill --prompt-column or ``prompt_column`` in its config)
+DEFAULT_COLUMN_FLAG = "--column (wadi distill: --prompt-column)"
 #: column names tried, in order, when none is given (csv / parquet)
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 #: key paths tried, in order, on each JSON line when none is given (JourneyDB first)
@@ -22,14 +28,22 @@ SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
 
 def load_prompts(
-    path: str | os.PathLike, column: str | None = None, seed: int | None = None
+    path: str | os.PathLike,
+    column: str | None = None,
+    seed: int | None = None,
+    *,
+    unique: bool = True,
+    column_flag: str = DEFAULT_COLUMN_FLAG,
 ) -> list[str]:
     """The prompts in ``path``, cleaned (see :func:`clean_prompts`) and optionally shuffled.
 
     ``column`` names the csv/parquet column or the JSON key (a dotted path such
     as ``Task2.Caption`` for nested objects); by default the first of
     :data:`PROMPT_COLUMNS` / :data:`JSONL_KEYS` that exists is used.
-    ``seed`` shuffles the cleaned list deterministically.
+    ``seed`` shuffles the cleaned list deterministically.  With ``unique=False``
+    every record is kept in file order, duplicates included (prompt ``i`` is
+    record ``i``), and an empty record is an error naming its line; trailing
+    blank lines are ignored.  ``column_flag`` is the option named in error messages.
     """
     path = Path(path)
     if not path.exists():
@@ -40,17 +54,17 @@ def load_prompts(
     if suffix == ".txt":
         raw = _read_txt(path)
     elif suffix == ".jsonl":
-        raw = _read_jsonl(path, column)
+        raw = _read_jsonl(path, column, column_flag)
     elif suffix == ".csv":
-        raw = _read_table(path, column, "csv")
+        raw = _read_table(path, column, "csv", column_flag)
     elif suffix == ".parquet":
-        raw = _read_table(path, column, "parquet")
+        raw = _read_table(path, column, "parquet", column_flag)
     else:
         raise ValueError(
             f"prompt file {path} has an unsupported extension {suffix or '(none)'}; "
             f"use one of {', '.join(SUFFIXES)}"
         )
-    prompts = clean_prompts(raw)
+    prompts = clean_prompts(raw) if unique else _every_record(path, suffix, raw)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts (after dropping empty lines)")
     if seed is not None:
@@ -62,6 +76,21 @@ def clean_prompts(prompts) -> list[str]:
     """Strip whitespace, drop empty prompts and duplicates (keeping the first occurrence)."""
     cleaned = (p.strip() for p in prompts if isinstance(p, str))
     return list(dict.fromkeys(p for p in cleaned if p))
+
+
+def _every_record(path: Path, suffix: str, raw: list) -> list[str]:
+    """Every record stripped, in order; an empty one (but trailing blank lines) is an error."""
+    prompts = [p.strip() if isinstance(p, str) else "" for p in raw]
+    while prompts and not prompts[-1]:
+        prompts.pop()
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            where = f"row {i + 1}" if suffix in (".csv", ".parquet") else f"line {i + 1}"
+            raise ValueError(
+                f"prompt file {path} {where} is empty; every record is one image, so remove "
+                "it or give it a prompt"
+            )
+    return prompts
 
 
 def _decode(path: Path) -> str:
@@ -92,11 +121,12 @@ def _lookup(record, key: str):
 _MISSING = object()
 
 
-def _read_jsonl(path: Path, column: str | None) -> list[str]:
+def _read_jsonl(path: Path, column: str | None, column_flag: str) -> list[str]:
     keys = (column,) if column else JSONL_KEYS
     prompts = []
     for number, line in enumerate(_decode(path).splitlines(), start=1):
         if not line.strip():
+            prompts.append("")  # keeps prompts[i] = line i + 1
             continue
         try:
             record = json.loads(line)
@@ -116,7 +146,7 @@ def _read_jsonl(path: Path, column: str | None) -> list[str]:
             found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise ValueError(
                 f"prompt file {path} line {number} has no {' / '.join(keys)} field "
-                f"(found: {found}); pass --column KEY (dotted for nested keys)"
+                f"(found: {found}); pass {column_flag} KEY (dotted for nested keys)"
             )
         if value is not None and not isinstance(value, str):
             raise ValueError(
@@ -127,7 +157,7 @@ def _read_jsonl(path: Path, column: str | None) -> list[str]:
     return prompts
 
 
-def _read_table(path: Path, column: str | None, kind: str) -> list[str]:
+def _read_table(path: Path, column: str | None, kind: str, column_flag: str) -> list[str]:
     import pandas as pd
 
     try:
@@ -151,11 +181,10 @@ def _read_table(path: Path, column: str | None, kind: str) -> list[str]:
         if column is None:
             raise ValueError(
                 f"prompt file {path} has none of the columns {', '.join(PROMPT_COLUMNS)} "
-                f"(available: {', '.join(columns) or 'none'}); pass --column NAME"
+                f"(available: {', '.join(columns) or 'none'}); pass {column_flag} NAME"
             )
     elif column not in columns:
         raise ValueError(
             f"prompt file {path} has no column {column!r} (available: {', '.join(columns) or 'none'})"
         )
-    values = frame[column].tolist()
-    return [v for v in values if isinstance(v, str)]
+    return [v if isinstance(v, str) else "" for v in frame[column].tolist()]
