@@ -78,13 +78,15 @@ def register(subparsers) -> None:
     g.add_argument("--alpha-bar-T", type=_unit_interval, default=None, help="see wadi export")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
-    g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (as a whole)"
+    )
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     g.set_defaults(func=_generate)
 
 
 def _export(args) -> int:
-    from .export import export_student
+    from .export import check_export_output, export_student
 
     if args.checkpoint:
         from wadi.distill.export import export_checkpoint
@@ -96,6 +98,7 @@ def _export(args) -> int:
         return 0
     if not args.adapter:
         raise ValueError("--teacher needs --adapter (a student LoRaD adapter folder)")
+    check_export_output(args.out, args.overwrite, args.teacher, args.adapter)
     out = export_student(
         args.teacher,
         args.adapter,
@@ -109,26 +112,33 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
+    from wadi.devices import resolve_device, warn_if_half_on_cpu
+    from wadi.paths import check_output_folder, check_output_separate
+
+    device = resolve_device(args.device)  # before anything loads
+    if args.adapter and not args.teacher:
+        raise ValueError("--adapter goes with --teacher (an exported --pipeline is already merged)")
+    check_output_folder(args.out, overwrite=args.overwrite)
+    check_output_separate(args.out, args.pipeline, args.teacher, args.adapter, args.prompts)
 
     from .export import parse_dtype
     from .generate import generate_images
 
-    if args.adapter and not args.teacher:
-        raise ValueError("--adapter goes with --teacher (an exported --pipeline is already merged)")
+    dtype = parse_dtype(args.dtype)
+    warn_if_half_on_cpu(device, dtype, "wadi generate")
     if args.prompts:
         from wadi.data.prompts import load_prompts
 
-        prompts = load_prompts(args.prompts, column=args.column)
+        # every line is one image: image i is line i, duplicates included
+        prompts = load_prompts(
+            args.prompts, column=args.column, unique=False, column_flag="--column"
+        )
     else:
-        from wadi.data.prompts import clean_prompts
-
-        prompts = clean_prompts(args.prompt)
-        if not prompts:
-            raise ValueError("--prompt is empty")
+        prompts = [p.strip() for p in args.prompt]
+        if not all(prompts):
+            raise ValueError("--prompt is empty; give each --prompt some text")
     if args.limit:
         prompts = prompts[: args.limit]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     written = generate_images(
         prompts,
         args.out,
@@ -142,7 +152,7 @@ def _generate(args) -> int:
         resolution=args.resolution,
         alpha_bar_T=args.alpha_bar_T,
         device=device,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
         overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} images to {args.out}")

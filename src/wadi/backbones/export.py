@@ -20,11 +20,19 @@ import torch
 from torch import nn
 
 from wadi.files import atomic_directory
+from wadi.paths import writing_output
 
 from .base import Backbone
 from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 
-__all__ = ["one_step_scheduler", "save_pipeline", "export_student", "DTYPES", "parse_dtype"]
+__all__ = [
+    "one_step_scheduler",
+    "save_pipeline",
+    "export_student",
+    "check_export_output",
+    "DTYPES",
+    "parse_dtype",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -138,7 +146,7 @@ def save_pipeline(
     scheduler = one_step_scheduler(backbone.scheduler, alpha_bar_T)
     pipeline_cls, components = backbone._pipeline_components(denoiser, scheduler)
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with writing_output(directory), atomic_directory(directory) as tmp:
         if backbone.vae is None:
             _save_pixel_pipeline(tmp, backbone, components)
         else:
@@ -171,6 +179,21 @@ def _save_pixel_pipeline(tmp: Path, backbone: Backbone, components: dict) -> Non
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_export_output(
+    out: str | os.PathLike, overwrite: bool, *inputs: str | os.PathLike | None
+) -> Path:
+    """Refuse an export ``out`` that is a file, non-empty without ``overwrite``, unwritable,
+    or that is, contains or lies inside one of ``inputs`` (teacher, adapter, checkpoint, run).
+
+    Called before anything loads, so a bad ``--out`` costs one line and no time.
+    """
+    from wadi.paths import check_output_folder, check_output_separate
+
+    out = check_output_folder(out, overwrite=overwrite)
+    check_output_separate(out, *inputs)
+    return out
+
+
 def export_student(
     teacher: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -183,21 +206,23 @@ def export_student(
 ) -> Path:
     """Load ``teacher``, merge the LoRaD student adapter in ``adapter_dir``, save the pipeline to ``out``.
 
-    Refuses to replace a non-empty ``out`` unless ``overwrite``; ``out`` is only
-    touched once the new folder is complete.
+    Refuses to replace a non-empty ``out`` unless ``overwrite``, and any ``out`` that
+    overlaps the teacher or the adapter (see :func:`check_export_output`); ``out`` is
+    only touched once the new folder is complete.  The adapter must be a student (a
+    run's ``fake_adapter`` is refused by its recorded role).
     """
     from wadi.lorad import load_adapter, merge_and_unload
+    from wadi.lorad.io import require_role
 
     from .registry import load_backbone
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    out = check_export_output(out, overwrite, teacher, adapter_dir)
     dtype = parse_dtype(dtype)
     if alpha_bar_T is not None:
         check_alpha_bar(alpha_bar_T)
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found")
+    require_role(adapter_dir, "student")
     backbone = load_backbone(teacher, dtype=torch.float32, device=device)
     load_adapter(backbone.denoiser, adapter_dir, "student")
     denoiser = merge_and_unload(backbone.denoiser, "student")

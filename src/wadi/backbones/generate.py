@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wadi.files import atomic_file, write_text
+from wadi.files import atomic_directory
+from wadi.paths import check_output_folder, check_output_separate, writing_output
 
 __all__ = ["seeded_noise", "to_pil", "generate_images"]
 
@@ -41,8 +42,7 @@ def to_pil(image: Tensor):
 
 
 def _save_png(image: Tensor, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        to_pil(image).save(tmp, format="PNG")
+    to_pil(image).save(path, format="PNG")
 
 
 def generate_images(
@@ -65,7 +65,9 @@ def generate_images(
 ) -> list[Path]:
     """Write ``out/00000.png ...`` and ``out/images.jsonl`` (file, prompt, seed) for ``prompts``.
 
-    Routes: ``pipeline`` (an exported folder, run by the stock diffusers
+    The folder is built under a temporary name and renamed into place when complete:
+    an existing ``out`` (only with ``overwrite``) is replaced as a whole, never mixed
+    with new images, and a failure midway leaves it as it was.  Routes: ``pipeline`` (an exported folder, run by the stock diffusers
     pipeline in one step); ``teacher`` + ``adapter`` (wadi's one-step
     generator); ``teacher`` alone with ``steps > 1`` (DDIM with CFG, default 3.0).
     """
@@ -92,38 +94,39 @@ def generate_images(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(
-            f"{out} already exists and is not empty; pass --overwrite to write into it"
-        )
+    out = check_output_folder(out, overwrite=overwrite)
+    check_output_separate(out, pipeline, teacher, adapter)
 
     if pipeline is not None and not Path(pipeline).is_dir():
         raise FileNotFoundError(f"pipeline folder {pipeline} not found")
+    if adapter is not None:
+        from wadi.lorad.io import require_role
+
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter folder {adapter} not found")
+        require_role(adapter, "student")
     if pipeline is not None and (Path(pipeline) / "vae").is_dir():
         sampler = _stock_runner(pipeline, device, dtype, resolution)
     else:
         sampler = _wadi_runner(
             pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution
         )
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     records = []
     bar = tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        indices = list(range(start, start + len(batch)))
-        images = sampler(batch, indices, seed)
-        for i, prompt, image in zip(indices, batch, images):
-            path = out / f"{i:05d}.png"
-            _save_png(image, path)
-            written.append(path)
-            records.append({"file": path.name, "prompt": prompt, "seed": seed + i})
-        bar.update(len(batch))
-    bar.close()
-    write_text(
-        out / "images.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    )
+    with writing_output(out), atomic_directory(out) as tmp, bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            indices = list(range(start, start + len(batch)))
+            images = sampler(batch, indices, seed)
+            for i, prompt, image in zip(indices, batch, images):
+                name = f"{i:05d}.png"
+                _save_png(image, tmp / name)
+                written.append(out / name)
+                records.append({"file": name, "prompt": prompt, "seed": seed + i})
+            bar.update(len(batch))
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        (tmp / "images.jsonl").write_text(lines, encoding="utf-8")
     return written
 
 
@@ -131,7 +134,10 @@ def _stock_runner(folder, device, dtype, resolution):
     """Run the exported folder with its stock diffusers pipeline, one step, no guidance."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    from .registry import reporting_damaged_files
+
+    with reporting_damaged_files(folder):
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     factor = pipe.vae_scale_factor
@@ -169,8 +175,6 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
     if adapter is not None:
         from wadi.lorad import load_adapter
 
-        if not Path(adapter).is_dir():
-            raise FileNotFoundError(f"adapter folder {adapter} not found")
         load_adapter(backbone.denoiser, adapter, "student")
     a = alpha_bar_T if alpha_bar_T is not None else alpha_bar_from_scheduler(backbone.scheduler)
     sample_size = backbone.denoiser.config.sample_size

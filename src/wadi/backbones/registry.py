@@ -7,16 +7,24 @@ Architectures register themselves with :func:`register_backbone`; a new one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .base import Backbone
 
-__all__ = ["register_backbone", "registered_backbones", "load_backbone", "read_json"]
+__all__ = [
+    "register_backbone",
+    "registered_backbones",
+    "load_backbone",
+    "read_json",
+    "reporting_damaged_files",
+]
 
 _REGISTRY: list[type[Backbone]] = []
 
@@ -43,6 +51,28 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the folder looks damaged") from None
+
+
+@contextlib.contextmanager
+def reporting_damaged_files(root: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure while diffusers/transformers load ``root`` into one line naming the file.
+
+    The libraries report a truncated or garbled ``.safetensors`` file with an error that
+    does not say which file (or a traceback deep inside their loaders); when loading
+    fails, every ``*.safetensors`` header under ``root`` is checked and the first damaged
+    one is named.  Any other failure goes on unchanged.
+    """
+    from wadi.paths import DamagedFileError, damaged_message, find_damaged_safetensors
+
+    try:
+        yield
+    except DamagedFileError:
+        raise
+    except Exception as err:
+        damaged = find_damaged_safetensors(root)
+        if damaged is None:
+            raise
+        raise DamagedFileError(damaged_message(damaged)) from err
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -131,9 +161,10 @@ def load_backbone(
                 else ""
             )
         )
-    backbone = cls.from_folder(
-        root, dtype=dtype, device=device, load_text_encoder=load_text_encoder
-    )
+    with reporting_damaged_files(root):
+        backbone = cls.from_folder(
+            root, dtype=dtype, device=device, load_text_encoder=load_text_encoder
+        )
     for module in (backbone.denoiser, backbone.text_encoder, backbone.vae):
         if module is not None:
             module.requires_grad_(False)

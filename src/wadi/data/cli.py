@@ -38,13 +38,19 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    import torch
+    from wadi.devices import resolve_device, warn_if_half_on_cpu
+    from wadi.paths import check_output_folder, check_output_separate
+
+    device = resolve_device(args.device)  # before anything loads
+    check_output_folder(args.out, overwrite=args.overwrite)
+    check_output_separate(args.out, args.teacher, args.prompts)
 
     from wadi.backbones.export import parse_dtype
 
     from .embeddings import EmbeddingStore, embed_prompts
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = parse_dtype(args.dtype)
+    warn_if_half_on_cpu(device, dtype, "wadi embed")
     out = embed_prompts(
         args.teacher,
         args.prompts,
@@ -52,7 +58,7 @@ def _run(args) -> int:
         column=args.column,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
         device=device,
         overwrite=args.overwrite,
     )

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from wadi.backbones.base import TextCondition
 from wadi.files import atomic_directory
+from wadi.paths import writing_output
 
 __all__ = ["EmbeddingStore", "write_embeddings", "embed_prompts", "INDEX_NAME", "FORMAT"]
 
@@ -46,9 +47,12 @@ def _tensors(cond: TextCondition) -> dict[str, Tensor]:
     return out
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+def _check_out(out: Path, overwrite: bool, *inputs) -> None:
+    """Refuse an output that is a file, non-empty (without overwrite), unwritable or an input."""
+    from wadi.paths import check_output_folder, check_output_separate
+
+    check_output_folder(out, overwrite=overwrite)
+    check_output_separate(out, *inputs)
 
 
 def write_embeddings(
@@ -77,11 +81,11 @@ def write_embeddings(
     if not prompts:
         raise ValueError("no prompts to embed")
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, backbone.path)
     prompts = list(prompts)
     null = backbone.encode_prompts([""])
     shards: list[dict] = []
-    with atomic_directory(out) as tmp:
+    with writing_output(out), atomic_directory(out) as tmp:
         save_file(_tensors(null), str(tmp / NULL_NAME))
         with open(tmp / PROMPTS_NAME, "w", encoding="utf-8") as f:
             for p in prompts:
@@ -135,8 +139,9 @@ def embed_prompts(
     from .prompts import load_prompts
 
     out = Path(out)
-    _check_out(out, overwrite)
-    prompts = load_prompts(prompts_file, column=column)
+    _check_out(out, overwrite, teacher, prompts_file)
+    # de-duplicated, as distill reads them: the store's row i is distill's prompt i
+    prompts = load_prompts(prompts_file, column=column, column_flag="--column")
     backbone = load_backbone(teacher, dtype=dtype, device=device)
     return write_embeddings(
         backbone,
@@ -186,6 +191,8 @@ class EmbeddingStore:
             )
         self._handles: dict[str, object] = {}
         self._prompts: list[str] | None = None
+        for name in [self.index["null"], *(s["file"] for s in self.index["shards"])]:
+            self._open(name)  # a truncated or garbled shard fails here, by name
 
     def __len__(self) -> int:
         return int(self.index["count"])
@@ -217,7 +224,15 @@ class EmbeddingStore:
 
         handle = self._handles.get(name)
         if handle is None:
-            handle = safe_open(str(self.directory / name), framework="pt")
+            path = self.directory / name
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except OSError:
+                raise
+            except Exception as err:  # noqa: BLE001 - SafetensorError: a damaged file, one line
+                from wadi.paths import DamagedFileError, damaged_message
+
+                raise DamagedFileError(damaged_message(path, err)) from None
             self._handles[name] = handle
         return handle
 

@@ -22,10 +22,12 @@ def export_checkpoint(
     """Rebuild the run's student from ``checkpoint_dir``, merge it, write a pipeline folder.
 
     Works for every adapter kind (LoRaD, PEFT LoRA/DoRA, full); the teacher and
-    ``alpha_bar_T`` come from the checkpoint's ``config.yaml``.
+    ``alpha_bar_T`` come from the checkpoint's ``config.yaml``.  ``out`` may not be,
+    contain or lie inside the checkpoint, the run's other checkpoints or the teacher.
     """
     from wadi.backbones import load_backbone
-    from wadi.backbones.export import parse_dtype
+    from wadi.backbones.export import check_export_output, parse_dtype
+    from wadi.paths import DamagedFileError, damaged_message
 
     from .roles import Roles
 
@@ -38,13 +40,18 @@ def export_checkpoint(
             f"{checkpoint_dir} is not a wadi checkpoint (needs config.yaml and student.safetensors); "
             "give OUTPUT/final or OUTPUT/checkpoints/step-*"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    check_export_output(out, overwrite, *_run_inputs(checkpoint_dir))
     config = DistillConfig.load(checkpoint_dir / "config.yaml")
+    check_export_output(out, overwrite, config.teacher)
     source = checkpoint_dir / ("ema.safetensors" if use_ema else "student.safetensors")
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found; the run had no EMA (ema_decay) or drop --ema")
-    state = ckpt.load_tensors(source)
+    try:
+        state = ckpt.load_tensors(source)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SafetensorError: a damaged file, one line
+        raise DamagedFileError(damaged_message(source, err)) from None
     backbone = load_backbone(config.teacher, dtype=torch.float32)
     torch.manual_seed(config.seed)
     roles = Roles(
@@ -60,3 +67,21 @@ def export_checkpoint(
         backbone.scheduler, config.generator_timestep
     )
     return backbone.save_pipeline(merged, out, alpha_bar_T, dtype=parse_dtype(dtype))
+
+
+def _run_inputs(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoint and, when it sits in a run folder, the run's final/ and checkpoints/.
+
+    An export may go into a new folder of the run (``RUN/pipeline-ema``) but never over
+    or inside any of the run's checkpoints, nor over the run folder itself.
+    """
+    inputs = [checkpoint_dir]
+    real = checkpoint_dir.resolve()
+    run = None
+    if real.name == "final":
+        run = real.parent
+    elif real.parent.name == "checkpoints":
+        run = real.parent.parent
+    if run is not None:
+        inputs += [run / "final", run / "checkpoints"]
+    return inputs
