@@ -1,6 +1,8 @@
 """`wadi embed` round trip: stored embeddings equal Backbone.encode_prompts exactly."""
 
+import errno
 import json
+import os
 import pickle
 
 import pytest
@@ -98,3 +100,57 @@ def test_store_errors(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="not a wadi embedding index"):
         EmbeddingStore(tmp_path)
+
+
+def _one_line(err, *needles):
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("embed:")]  # wadi's own bar
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], err
+
+
+def test_damaged_shard_is_named_when_the_store_opens(teachers, tmp_path):
+    backbone = load_backbone(teachers["sd"])
+    out = write_embeddings(backbone, PROMPTS, tmp_path / "emb", shard_size=4, progress=False)
+    shard = out / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{shard} is damaged"):
+        EmbeddingStore(out)
+    shard.write_bytes(os.urandom(len(data)))
+    with pytest.raises(ValueError, match=f"{shard} is damaged"):
+        EmbeddingStore(out)
+
+
+def test_embed_full_disk_is_one_line_and_leaves_nothing(teachers, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "emb"
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert main(["embed", "--teacher", str(teachers["sd"]), "--prompts", str(prompts), "--out",
+                 str(out), "--shard-size", "3", "--device", "cpu"]) == 2  # fmt: skip
+    _one_line(capsys.readouterr().err, f"cannot write {out}: No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"], "partial output left behind"
+
+
+def test_embed_output_may_not_overlap_its_inputs(teachers, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    for out in (prompts, teachers["sd"], teachers["sd"] / "embeddings"):
+        assert main(["embed", "--teacher", str(teachers["sd"]), "--prompts", str(prompts),
+                     "--out", str(out), "--overwrite"]) == 2  # fmt: skip
+        _one_line(capsys.readouterr().err)
+    assert (teachers["sd"] / "unet" / "config.json").is_file()
+    assert not (teachers["sd"] / "embeddings").exists() and prompts.read_text().startswith("a")

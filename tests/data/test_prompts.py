@@ -92,3 +92,40 @@ def test_errors_are_one_clear_line(tmp_path):
         load_prompts(_write(tmp_path / "p.json", "[]"))
     with pytest.raises(ValueError, match="is a folder"):
         load_prompts(tmp_path)
+
+
+def test_every_record_kept_in_order_for_generation(tmp_path):
+    """generate's mode: image i is record i, duplicates included; trailing blank lines ignored."""
+    txt = _write(tmp_path / "p.txt", " a cat \ndog\na cat\n\n\n")
+    assert load_prompts(txt, unique=False) == ["a cat", "dog", "a cat"]
+    assert load_prompts(txt) == ["a cat", "dog"]  # training's mode is unchanged
+    lines = [{"prompt": "x"}, {"prompt": "y"}, {"prompt": "x"}]
+    jsonl = _write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    assert load_prompts(jsonl, unique=False) == ["x", "y", "x"]
+    frame = pd.DataFrame({"prompt": ["a", "b", "a"]})
+    frame.to_parquet(tmp_path / "p.parquet")
+    assert load_prompts(tmp_path / "p.parquet", unique=False) == ["a", "b", "a"]
+
+
+def test_empty_records_are_refused_by_position_when_every_record_counts(tmp_path):
+    with pytest.raises(ValueError, match="line 2 is empty; every record is one image"):
+        load_prompts(_write(tmp_path / "p.txt", "a\n  \nb\n"), unique=False)
+    with pytest.raises(ValueError, match="line 2 is empty"):
+        load_prompts(_write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"}\n'),
+                     unique=False)  # fmt: skip
+    pd.DataFrame({"prompt": ["a", "", "b"]}).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match="row 2 is empty"):
+        load_prompts(tmp_path / "p.csv", unique=False)
+
+
+def test_missing_column_names_the_callers_flag(tmp_path):
+    jsonl = _write(tmp_path / "p.jsonl", '{"other": "a"}\n')
+    pd.DataFrame({"title": ["t"]}).to_csv(tmp_path / "q.csv", index=False)
+    for path, what in ((jsonl, "KEY"), (tmp_path / "q.csv", "NAME")):
+        # distill calls without a flag: both spellings are named
+        with pytest.raises(
+            ValueError, match=f"pass --column \\(wadi distill: --prompt-column\\) {what}"
+        ):
+            load_prompts(path)
+        with pytest.raises(ValueError, match=f"pass --prompt-column {what}"):
+            load_prompts(path, column_flag="--prompt-column")

@@ -90,17 +90,17 @@ def write_embeddings(
         with open(tmp / PROMPTS_NAME, "w", encoding="utf-8") as f:
             for p in prompts:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        bar = tqdm(total=len(prompts), desc="embed", unit="prompt", disable=not progress)
-        for start in range(0, len(prompts), shard_size):
-            chunk = prompts[start : start + shard_size]
-            parts = []
-            for b in range(0, len(chunk), batch_size):
-                parts.append(backbone.encode_prompts(chunk[b : b + batch_size]).to("cpu"))
-                bar.update(len(chunk[b : b + batch_size]))
-            name = _shard_name(len(shards))
-            save_file(_tensors(TextCondition.cat(parts)), str(tmp / name))
-            shards.append({"file": name, "start": start, "count": len(chunk)})
-        bar.close()
+        # closed on errors too, so an error line starts on a line of its own
+        with tqdm(total=len(prompts), desc="embed", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), shard_size):
+                chunk = prompts[start : start + shard_size]
+                parts = []
+                for b in range(0, len(chunk), batch_size):
+                    parts.append(backbone.encode_prompts(chunk[b : b + batch_size]).to("cpu"))
+                    bar.update(len(chunk[b : b + batch_size]))
+                name = _shard_name(len(shards))
+                save_file(_tensors(TextCondition.cat(parts)), str(tmp / name))
+                shards.append({"file": name, "start": start, "count": len(chunk)})
         index = {
             "format": FORMAT,
             "version": VERSION,
