@@ -81,3 +81,10 @@ def test_alpha_bar_override_and_one_line_errors(gen_teachers):
         MultiStep([])
     with pytest.raises(ValueError, match="outside the teacher"):
         OneStep(1000).sample(b, torch.zeros(1, 4, 8, 8), b.encode_prompts(["x"]))
+
+
+def test_precision_warning_for_16_bit_and_a_large_gain(gen_teachers):
+    pix16 = load_backbone(gen_teachers["pixart"], dtype=torch.bfloat16)
+    assert "157" in OneStep().precision_warning(pix16)
+    assert OneStep(999, 0.0047).precision_warning(pix16) is None  # 1/alpha = 14.6
+    assert OneStep().precision_warning(load_backbone(gen_teachers["pixart"])) is None

@@ -18,10 +18,32 @@ from torch import Tensor, nn
 from .base import Backbone, TextCondition
 from .registry import load_text_encoder, register_backbone
 
-__all__ = ["PixArtBackbone", "PIXART_MAX_TOKENS"]
+__all__ = ["PixArtBackbone", "PIXART_MAX_TOKENS", "upcast_output_head"]
 
 #: the stock pipeline's ``max_sequence_length``
 PIXART_MAX_TOKENS = 120
+
+
+def _to_float32(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def upcast_output_head(transformer: nn.Module) -> nn.Module:
+    """Run a 16-bit PixArt's final norm and ``proj_out`` in float32 (in place).
+
+    The one-step x0 multiplies eps's error by ``1/sqrt(abar_T) = 157``; a bf16
+    output layer rounds eps to 8 significant bits.  The final LayerNorm gets its input
+    in fp32 and ``proj_out`` is kept in fp32 (LoRaD and merge work on it as on any
+    Linear), so eps leaves the network in fp32.  Measured in
+    ``benchmarks/pixart_bf16_x0.py``.
+    """
+    if transformer.proj_out.weight.dtype == torch.float32:
+        return transformer
+    transformer.proj_out.float()
+    if not getattr(transformer.norm_out, "_wadi_fp32", False):
+        transformer.norm_out.register_forward_pre_hook(_to_float32)
+        transformer.norm_out._wadi_fp32 = True
+    return transformer
 
 
 @register_backbone
@@ -33,6 +55,11 @@ class PixArtBackbone(Backbone):
     denoiser_class = "PixArtTransformer2DModel"
     supported = "PixArtTransformer2DModel of PixArt-alpha"
     max_tokens = PIXART_MAX_TOKENS
+
+    def __init__(self, **parts) -> None:
+        super().__init__(**parts)
+        if self.dtype in (torch.float16, torch.bfloat16):
+            upcast_output_head(self.denoiser)  # eps leaves the DiT in fp32 (see the function)
 
     @classmethod
     def accepts(cls, denoiser_config: dict) -> bool:

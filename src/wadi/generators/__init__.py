@@ -12,8 +12,20 @@ go through a :class:`Generator`, so a new sampling scheme is one new file here.
 
 from __future__ import annotations
 
-from .base import Generator, make_generator
+from collections.abc import Sequence
+
+from .base import Generator
 from .multistep import MultiStep
 from .onestep import OneStep
 
 __all__ = ["Generator", "MultiStep", "OneStep", "make_generator"]
+
+
+def make_generator(timesteps: Sequence[int] | int, alpha_bar_T: float | None = None) -> Generator:
+    """:class:`OneStep` for one timestep, :class:`MultiStep` for several."""
+    if isinstance(timesteps, int):
+        timesteps = [timesteps]
+    timesteps = list(timesteps)
+    if len(timesteps) == 1:
+        return OneStep(timesteps[0], alpha_bar_T)
+    return MultiStep(timesteps, alpha_bar_T)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from wadi.backbones.parametrization import DiscreteParametrization, Parametrization
 
-__all__ = ["Generator", "make_generator"]
+__all__ = ["Generator"]
 
 
 class Generator:
@@ -75,6 +75,26 @@ class Generator:
             return float(param.alpha_bar(self.timesteps[0]))
         return None
 
+    def precision_warning(self, backbone) -> str | None:
+        """A one-line warning when a 16-bit denoiser meets a large ``1/sqrt(abar_T)``.
+
+        x0 from pure noise divides by ``alpha`` at the first step, so eps's rounding
+        grows by ``1/alpha`` (PixArt at t = 999: 157; SD: 14.6).  Above 30 a bf16/fp16
+        student's samples carry visible noise (docs/benchmarks.md).
+        """
+        if backbone.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        param = self.parametrization(backbone)
+        alpha, _ = param.alpha_sigma(torch.tensor([self.timesteps[0]]))
+        gain = 1.0 / float(alpha[0])
+        if gain <= 30:
+            return None
+        return (
+            f"16-bit denoiser with 1/alpha = {gain:.0f} at t = {self.timesteps[0]}: eps rounding "
+            "is amplified that much in x0; use --mixed-precision no, or --alpha-bar-T 0.0047 "
+            "(the published scripts' constant)"
+        )
+
     @staticmethod
     def _x0(backbone, param: Parametrization, x: Tensor, t: int, cond) -> Tensor:
         ts = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -120,16 +140,3 @@ class Generator:
                     x0 = self._x0(backbone, param, x, self.timesteps[i], cond)
                     x = self._renoise(param, x0, self.timesteps[i + 1], generator, z.dtype)
         return self._x0(backbone, param, x, self.timesteps[step], cond)
-
-
-def make_generator(timesteps: Sequence[int] | int, alpha_bar_T: float | None = None) -> Generator:
-    """:class:`OneStep` for one timestep, :class:`MultiStep` for several."""
-    from .multistep import MultiStep
-    from .onestep import OneStep
-
-    if isinstance(timesteps, int):
-        timesteps = [timesteps]
-    timesteps = list(timesteps)
-    if len(timesteps) == 1:
-        return OneStep(timesteps[0], alpha_bar_T)
-    return MultiStep(timesteps, alpha_bar_T)
