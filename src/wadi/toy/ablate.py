@@ -162,6 +162,9 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
 
 
 def _run_in_child(args) -> dict:
+    from wadi._quiet import quiet_libraries
+
+    quiet_libraries()  # a spawned process starts with the libraries' bars and notes back on
     case, cfg, prompts = args
     return run_one(case, cfg, prompts)
 

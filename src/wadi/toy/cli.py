@@ -104,8 +104,11 @@ def _demo(args) -> int:
 
     import torch
 
+    from wadi._quiet import quiet_libraries
+
     from .demo import DemoConfig, format_table, run_demo
 
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     changes = {
@@ -118,6 +121,8 @@ def _demo(args) -> int:
     )
     report = run_demo(cfg)
     print(format_table(report))
+    if report.get("fd_note"):
+        print(f"note: {report['fd_note']}")
     real = report["reference"]["real_train"]
     print(
         f"(floor: {real['samples']} real training digits score FD {real['fd']:.2f}, "
@@ -138,10 +143,12 @@ def _demo(args) -> int:
 def _ablate(args) -> int:
     import torch
 
+    from wadi._quiet import quiet_libraries
     from wadi.cli import UserError
 
     from .ablate import AblationConfig, format_rows, run_ablation
 
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.jobs < 1:
@@ -185,7 +192,10 @@ def _common(p) -> None:
 def _prepare(args) -> Path:
     import torch
 
+    from wadi._quiet import quiet_libraries
     from wadi.cli import UserError
+
+    quiet_libraries()
 
     if args.threads is not None:
         if args.threads < 1:
@@ -199,6 +209,7 @@ def _prepare(args) -> Path:
 
 def _train_teacher(args) -> int:
     from wadi.cli import UserError
+    from wadi.files import output_errors
 
     from .teacher import TeacherTrainConfig, train_teacher
 
@@ -213,7 +224,8 @@ def _train_teacher(args) -> int:
         warmup_steps=min(100, max(1, args.steps // 10)),
         init_from=args.init_from,
     )
-    summary = train_teacher(out, config, progress=not args.no_progress)
+    with output_errors(out):
+        summary = train_teacher(out, config, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     print(f"teacher written to {out}")
     return 0
@@ -221,15 +233,19 @@ def _train_teacher(args) -> int:
 
 def _train_evaluator(args) -> int:
     from wadi.cli import UserError
+    from wadi.files import output_errors
 
     from .evaluator import EvaluatorTrainConfig, train_evaluator
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     out = _prepare(args)
-    summary = train_evaluator(
-        out, EvaluatorTrainConfig(epochs=args.epochs, seed=args.seed), progress=not args.no_progress
-    )
+    with output_errors(out):
+        summary = train_evaluator(
+            out,
+            EvaluatorTrainConfig(epochs=args.epochs, seed=args.seed),
+            progress=not args.no_progress,
+        )
     print(json.dumps(summary, indent=2))
     print(f"evaluator written to {out}")
     return 0
@@ -240,11 +256,15 @@ def _eval_teacher(args) -> int:
 
     import torch
 
+    from wadi._quiet import quiet_libraries
     from wadi.backbones import load_backbone
     from wadi.cli import UserError
+    from wadi.files import output_errors
 
     from . import TEACHER_DIR
     from .evaluate import balanced_digits, evaluate_images, sample_teacher, save_grid
+
+    quiet_libraries()
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -264,5 +284,6 @@ def _eval_teacher(args) -> int:
     )
     print(json.dumps(result, indent=2))
     if args.grid:
-        save_grid({f"teacher {args.steps} steps": images}, args.grid)
+        with output_errors(args.grid):
+            save_grid({f"teacher {args.steps} steps": images}, args.grid)
     return 0

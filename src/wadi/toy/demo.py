@@ -4,18 +4,24 @@ Trains with :func:`wadi.distill.train` (LoRaD student and LoRaD fake score on th
 base), then evaluates teacher 25-step DDIM with CFG, teacher 1 step and student 1 step on the
 same number of samples: FD and prompt accuracy with the shipped evaluator, network evaluations
 per image and milliseconds per image. Writes ``report.json`` and ``grid.png``.
+
+The whole output folder is built under a temporary name beside ``--out`` and renamed into
+place at the end, so a full disk or an error midway leaves the previous output (or none)
+and no half-written run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from wadi.files import write_json, write_text
+from wadi.files import atomic_directory, output_errors, write_json, write_text
 
 from . import TEACHER_DIR
 from .data import load_digits_split
@@ -23,6 +29,8 @@ from .evaluate import balanced_digits, evaluate_images, noise, sample_teacher, s
 from .prompts import prompt_for, training_prompts
 
 GENERATORS = ("teacher_multistep", "teacher_onestep", "student_onestep")
+# what a demo output folder holds: an existing --out with anything else is not replaced
+OUTPUTS = ("prompts.txt", "run", "grid.png", "report.json")
 
 
 @dataclass
@@ -66,15 +74,16 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
-def distill_config(cfg: DemoConfig, prompts: Path):
-    """The :class:`wadi.distill.DistillConfig` of the demo run."""
+def distill_config(cfg: DemoConfig, prompts: Path, run_dir: Path | None = None):
+    """The :class:`wadi.distill.DistillConfig` of the demo run (in ``run_dir``, default
+    ``out_dir/run``)."""
     from wadi.distill import DistillConfig
 
     out = Path(cfg.out_dir)
     return DistillConfig(
         teacher=str(TEACHER_DIR),
         prompts=str(prompts),
-        output_dir=str(out / "run"),
+        output_dir=str(run_dir if run_dir is not None else out / "run"),
         adapter=cfg.adapter,
         student_rank=cfg.student_rank,
         fake_rank=cfg.fake_rank,
@@ -165,17 +174,74 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output that is a file, or a folder holding more than a demo's outputs.
+
+    The demo replaces its whole output folder, so it must not be a file (left intact) or a
+    folder with the user's other files in it.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise ValueError(
+            f"demo output {out} is a file, not a folder; remove it or choose another --out"
+        )
+    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(
+            f"demo output {out} holds files that are not a demo's ({shown}) and would be "
+            "replaced; choose a new or empty folder"
+        )
+
+
+def small_sample_note(samples: int) -> str | None:
+    """The one-line caveat for an FD from fewer than 2,000 samples (biased upward)."""
+    from wadi.eval.metrics import warn_small_sample
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # returned for the report, not raised as a warning
+        return warn_small_sample(samples, "FD")
+
+
+def _retarget_configs(run_dir: Path, tmp: Path, out: Path) -> None:
+    """Point the saved ``config.yaml`` files at the final folder, not the temporary one."""
+    from wadi.distill import DistillConfig
+
+    old, new = (str(Path(os.path.abspath(p))) for p in (tmp, out))
+    for path in run_dir.rglob("config.yaml"):
+        config = DistillConfig.load(path)
+        changes = {}
+        for key, value in config.to_dict().items():
+            if isinstance(value, str):
+                absolute = os.path.abspath(value)
+                if absolute == old or absolute.startswith(old + os.sep):
+                    changes[key] = new + absolute[len(old) :]
+        if changes:
+            config.replace(**changes).save(path)
+
+
 def run_demo(cfg: DemoConfig | None = None) -> dict:
-    """Distill, evaluate, write ``report.json`` and ``grid.png`` into ``cfg.out_dir``."""
+    """Distill, evaluate, write ``report.json`` and ``grid.png`` into ``cfg.out_dir``.
+
+    Everything is built in a temporary folder renamed onto ``cfg.out_dir`` at the end; an
+    ``OSError`` writing it (full disk, read-only) becomes one ``ValueError`` naming it.
+    """
+    cfg = cfg or DemoConfig()
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    check_output(out)
+    with output_errors(out), atomic_directory(out) as tmp:
+        report = _run_in(cfg, tmp, out)
+    return report
+
+
+def _run_in(cfg: DemoConfig, tmp: Path, out: Path) -> dict:
     from wadi.backbones import load_backbone
     from wadi.distill import train
 
-    cfg = cfg or DemoConfig()
-    cfg.validate()
     start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dcfg = distill_config(cfg, write_prompts(out / "prompts.txt"))
+    dcfg = distill_config(cfg, write_prompts(tmp / "prompts.txt"), tmp / "run")
     result = train(dcfg, overwrite=True)
     summary = json.loads((result.final_dir / "summary.json").read_text())
     alpha_bar_T = float(summary["alpha_bar_T"])
@@ -190,20 +256,26 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     pick = pick[: min(cfg.samples, len(train_x))]
     reference = {**evaluate_images(train_x[pick], train_y[pick]), "samples": len(pick)}
     real = torch.stack([test_x[test_y == d][0] for d in range(10)])
-    save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, out / "grid.png")
+    save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, tmp / "grid.png")
+    _retarget_configs(tmp / "run", tmp, out)
+    final_dir = out / "run" / result.final_dir.relative_to(tmp / "run")
     report = {
         "generators": metrics,
         "goals": goals(metrics),
         "reference": {"real_train": reference, "teacher_guidance": cfg.multistep_guidance},
-        "config": {"demo": asdict(cfg), "distill": dcfg.to_dict()},
+        "fd_note": small_sample_note(cfg.samples),
+        "config": {
+            "demo": asdict(cfg),
+            "distill": distill_config(cfg, out / "prompts.txt").to_dict(),
+        },
         "distill": {
             "steps": result.steps,
             "skipped_steps": result.skipped_steps,
             "seconds_per_step": result.seconds_per_step,
-            "final_dir": str(result.final_dir),
+            "final_dir": str(final_dir),
         },
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - start,
     }
-    write_json(out / "report.json", report)
+    write_json(tmp / "report.json", report)
     return report
