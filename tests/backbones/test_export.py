@@ -167,3 +167,36 @@ def test_save_pipeline_from_a_backbone_without_text_encoder(teacher_dirs, tmp_pa
     assert b.text_encoder is None  # nothing kept in memory
     got, _ = _run_stock(PixArtAlphaPipeline, out)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_save_pipeline_full_disk_is_one_line_and_keeps_the_old_folder(
+    teacher_dirs, tmp_path, monkeypatch
+):
+    import errno
+
+    import wadi.backbones.export as export
+
+    b = load_backbone(teacher_dirs["sd-eps"], load_text_encoder=False)
+    old = tmp_path / "pipe"
+    old.mkdir()
+    (old / "keep.txt").write_text("old")
+
+    def full_disk(directory, dtype):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_cast_safetensors", full_disk)
+    with pytest.raises(ValueError, match=f"cannot write {old}: No space left on device"):
+        b.save_pipeline(b.denoiser, old, dtype="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+
+
+def test_export_student_refuses_outputs_over_its_inputs(teacher_dirs, tmp_path):
+    b = load_backbone(teacher_dirs["sd-eps"], load_text_encoder=False)
+    attach_random_adapter(b.denoiser, b.student_preset, rank=2)
+    adapter = lorad.save_adapter(b.denoiser, tmp_path / "adapter", "student")
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    for out in (adapter, adapter / "pipeline", tmp_path, teacher_dirs["sd-eps"]):
+        with pytest.raises(ValueError, match="would destroy the input"):
+            export_student(teacher_dirs["sd-eps"], adapter, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
