@@ -26,6 +26,8 @@ from .base import Backbone
 from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 
 __all__ = [
+    "student_scheduler",
+    "pipeline_call",
     "one_step_scheduler",
     "save_pipeline",
     "export_student",
@@ -98,6 +100,68 @@ def one_step_scheduler(teacher_scheduler, alpha_bar_T: float | None = None):
     return scheduler
 
 
+def student_scheduler(teacher_scheduler, generator):
+    """The stock scheduler whose sampling is ``generator`` (:mod:`wadi.generators`).
+
+    - one step at t = 999: :func:`one_step_scheduler` (DDIM, trailing);
+    - one step at t < 999: the same on the teacher's first ``t + 1`` betas, so the single
+      trailing timestep is ``t`` with the teacher's own ``abar_t`` (same model input);
+    - several steps: ``LCMScheduler`` on the teacher's schedule, called with
+      ``timesteps=generator.timesteps`` (what DMD2 ships); its boundary scalings are
+      within 1e-7 of the identity at t >= 20.
+    """
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    steps = list(generator.timesteps)
+    num = int(teacher_scheduler.config.num_train_timesteps)
+    if steps[0] >= num:
+        raise ValueError(f"generator timestep {steps[0]} is outside the teacher's 0..{num - 1}")
+    if len(steps) == 1 and steps[0] == num - 1:
+        return one_step_scheduler(teacher_scheduler, generator.alpha_bar_T)
+    if generator.alpha_bar_T is not None:
+        raise ValueError(
+            "alpha_bar_T can only be exported for a one-step generator at t = 999; drop "
+            "--alpha-bar-T or use the default generator timesteps"
+        )
+    config = dict(teacher_scheduler.config)
+    prediction = config.get("prediction_type", "epsilon")
+    if len(steps) == 1:
+        t = steps[0]
+        betas = torch.as_tensor(teacher_scheduler.betas, dtype=torch.float32)[: t + 1]
+        return DDIMScheduler.from_config(
+            config,
+            num_train_timesteps=t + 1,
+            trained_betas=betas.tolist(),
+            timestep_spacing="trailing",
+            set_alpha_to_one=True,
+            clip_sample=False,
+            thresholding=False,
+            steps_offset=1,
+            rescale_betas_zero_snr=False,
+            prediction_type=prediction,
+        )
+    return LCMScheduler.from_config(
+        config,
+        prediction_type=prediction,
+        clip_sample=False,
+        thresholding=False,
+        set_alpha_to_one=True,
+        rescale_betas_zero_snr=False,
+        trained_betas=torch.as_tensor(teacher_scheduler.betas, dtype=torch.float32).tolist(),
+    )
+
+
+def pipeline_call(backbone, generator) -> dict:
+    """The keyword arguments of the stock pipeline call that reproduces ``generator``."""
+    call = {"num_inference_steps": generator.num_steps, "guidance_scale": 1.0}
+    if generator.num_steps > 1:
+        call["timesteps"] = list(generator.timesteps)
+    if backbone.kind == "pixart":
+        # the stock default maps a request to the nearest trained aspect bucket
+        call["use_resolution_binning"] = False
+    return call
+
+
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
     """Rewrite every floating tensor in ``*.safetensors`` under ``directory`` to ``dtype``."""
     from safetensors import safe_open
@@ -126,8 +190,13 @@ def save_pipeline(
     alpha_bar_T: float | None = None,
     *,
     dtype: torch.dtype | str | None = None,
+    generator=None,
 ) -> Path:
     """Write a stock diffusers pipeline folder with ``denoiser`` (merged, plain modules).
+
+    ``generator`` (default: one step at t = 999 with ``alpha_bar_T``) picks the scheduler
+    (:func:`student_scheduler`); ``wadi_export.json`` records the stock call that
+    reproduces it.
 
     The folder is built under a temporary name next to ``directory`` and
     renamed into place at the end; an existing ``directory`` is replaced only
@@ -143,7 +212,13 @@ def save_pipeline(
             "name) before saving a pipeline"
         )
     dtype = parse_dtype(dtype)
-    scheduler = one_step_scheduler(backbone.scheduler, alpha_bar_T)
+    if generator is None:
+        from wadi.generators import OneStep
+
+        generator = OneStep(999, alpha_bar_T)
+    elif alpha_bar_T is not None and generator.alpha_bar_T is None:
+        raise ValueError("pass alpha_bar_T through the generator, not beside it")
+    scheduler = student_scheduler(backbone.scheduler, generator)
     pipeline_cls, components = backbone._pipeline_components(denoiser, scheduler)
     directory = Path(directory)
     with writing_output(directory), atomic_directory(directory) as tmp:
@@ -153,12 +228,15 @@ def save_pipeline(
             pipeline_cls(**components).save_pretrained(tmp, safe_serialization=True)
         if dtype is not None:
             _cast_safetensors(tmp, dtype)
+        call = pipeline_call(backbone, generator)
         info = {
             "teacher": str(backbone.path) if backbone.path else None,
             "kind": backbone.kind,
-            "alpha_bar_T": alpha_bar_from_scheduler(scheduler, 999),
-            "num_inference_steps": 1,
-            "guidance_scale": 1.0,
+            "scheduler": type(scheduler).__name__,
+            **generator.to_dict(),
+            "alpha_bar_T": alpha_bar_from_scheduler(scheduler, generator.timesteps[0]),
+            **call,
+            "pipeline_call": call,
         }
         (tmp / "wadi_export.json").write_text(json.dumps(info, indent=2) + "\n")
     return directory
