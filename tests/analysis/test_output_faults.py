@@ -164,3 +164,33 @@ def test_missing_input_is_not_reported_as_an_output_problem(tmp_path, teacher_di
     assert rc == 2
     err = _one_line(capsys)
     assert "cannot write" not in err and "nowhere" in err
+
+
+def test_read_only_file_system_is_one_line_before_any_work(
+    tmp_path, teacher_dir, student_dir, capsys, monkeypatch
+):
+    """The read-only case where chmod cannot make one (running as root): EROFS on create."""
+    import tempfile
+
+    import wadi.analysis.report as report_mod
+
+    real = tempfile.mkstemp
+    ro = tmp_path / "mounted"
+    ro.mkdir()
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir).startswith(str(ro)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the analysis ran although its output cannot be written")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(report_mod, "analyze", no_work)
+    out = ro / "out"
+    rc = main(["analyze", str(teacher_dir), str(student_dir), "--out", str(out), *QUICK])
+    assert rc == 2
+    err = _one_line(capsys)
+    assert f"cannot write {out}" in err and "read-only" in err
+    assert list(ro.iterdir()) == []

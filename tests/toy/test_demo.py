@@ -141,3 +141,32 @@ def test_demo_command_is_quiet_but_keeps_its_own_bar(tmp_path):
     for noise in ("Loading weights", "Writing model shards", "requires torchvision"):
         assert noise not in proc.stderr, noise
     assert "note: FD from only 10 samples" in proc.stdout and "biased upward" in proc.stdout
+
+
+def test_read_only_file_system_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """The read-only case where chmod cannot make one (running as root): EROFS on create."""
+    import errno
+    import tempfile
+
+    import wadi.distill
+    from wadi.cli import main
+
+    real = tempfile.mkdtemp
+    ro = tmp_path / "mounted"
+    ro.mkdir()
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir).startswith(str(ro)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the output cannot be written")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(wadi.distill, "train", no_training)
+    out = ro / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--no-progress"]) == 2
+    err = _one_line(capsys)
+    assert f"cannot write {out}" in err and "read-only" in err
+    assert list(ro.iterdir()) == []
