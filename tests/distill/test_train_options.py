@@ -156,3 +156,61 @@ def test_fake_updates_step_the_fake_score_k_times_per_iteration(
 def test_fake_updates_below_one_is_a_clear_error(teachers, prompts, tmp_path):
     with pytest.raises(ValueError, match="fake_updates must be >= 1"):
         tiny_config(teachers["sd-eps"], prompts, tmp_path / "x", fake_updates=0)
+
+
+def test_full_scope_preset_trains_the_presets_layers_and_all_trains_everything(teachers):
+    from torch import nn
+
+    from wadi import lorad
+    from wadi.backbones import load_backbone
+    from wadi.distill import Roles
+
+    lorad_roles = Roles(load_backbone(teachers["sd-eps"]), "lorad", student_rank=2, fake_rank=2)
+    layers = {n for n, layer in lorad.lorad_layers(lorad_roles.base) if "student" in layer.lorad_A}
+    preset = Roles(load_backbone(teachers["sd-eps"]), "full", fake_rank=2)
+    assert preset.full_scope == "preset"
+    trainable = {n for n, p in preset.student_copy.named_parameters() if p.requires_grad}
+    assert {n.rpartition(".")[0] for n in trainable} == layers  # exactly the adapters' layers
+    expected = sum(
+        p.numel()
+        for name, m in preset.student_copy.named_modules()
+        if name in layers and isinstance(m, nn.Linear)
+        for p in m.parameters()
+    )
+    counts = preset.parameter_counts()
+    assert counts["student"] == expected < counts["base"]
+    assert set(preset.student_named_state()) == trainable  # checkpoints hold just those
+    everything = Roles(load_backbone(teachers["sd-eps"]), "full", fake_rank=2, full_scope="all")
+    assert everything.parameter_counts()["student"] == counts["base"]
+
+
+def test_start_summary_share_warning_and_checkpoint_lines(teachers, prompts, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    config = tiny_config(
+        teachers["sd-eps"], prompts, out, max_steps=2, checkpoint_every=1, export_pipeline=False,
+        resolution=None, student_rank=64, progress=True,
+    )  # fmt: skip
+    train(config)
+    err = capsys.readouterr().err
+    assert "warning: the lorad student trains 148,992 parameters, 74% of the base's 200,644" in err
+    assert "lower --student-rank (now 64)" in err
+    for row in ("device", "teacher", "resolution  16 px (latent 8x8)", "2 per process, 2 in all"):
+        assert row in err, row
+    assert "fake score  lorad: 3,728 (1.86% of the base's 200,644) trainable" in err
+    assert f"output      {out}" in err and "steps       0 -> 2 (from scratch)" in err
+    assert f"checkpoint of step 1 in {out / 'checkpoints' / 'step-000001'}" in err
+    assert yaml.safe_load((out / "config.yaml").read_text())["resolution"] == 16
+    train(config.replace(progress=False, max_steps=3), resume="latest")
+    assert "device" not in capsys.readouterr().err  # quiet: no summary, no checkpoint lines
+
+
+def test_share_warning_only_for_rank_adapters():
+    from wadi.distill import DistillConfig
+    from wadi.distill.report import share_warning
+
+    counts = {"base": 100, "student": 51, "fake": 1}
+    assert "51%" in share_warning(DistillConfig(student_rank=9), counts)
+    assert share_warning(DistillConfig(), {**counts, "student": 50}) is None
+    assert share_warning(DistillConfig(adapter="full"), counts) is None

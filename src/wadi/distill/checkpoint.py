@@ -12,23 +12,32 @@ Layout of ``OUTPUT/checkpoints/step-000500/``::
     optimizer_student.safetensors / .json   AdamW state (tensors / hyper-parameters)
     optimizer_fake.safetensors / .json
     rng-rank0.safetensors ...    every process's random generator state
+    manifest.json                size and sha256 of every file above, written last
 
 A checkpoint is written into ``.tmp-step-000500`` and renamed when complete,
-so a crash mid-write leaves the previous checkpoint as the latest.
+so a crash mid-write leaves the previous checkpoint as the latest.  Loading checks
+the manifest first: a truncated, missing or garbled file (a copy cut short, a bad disk)
+is named in one line instead of failing deep inside safetensors, and ``--resume latest``
+falls back to the newest checkpoint that is complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STEP_NAME = re.compile(r"^step-(\d+)$")  # what a user may type: step-4, step-000004
+MANIFEST = "manifest.json"
+STATE_KEYS = ("step", "skipped_steps", "nonfinite_in_a_row", "world_size")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -50,17 +59,115 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
-def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """``latest`` -> newest complete checkpoint (None if there is none); else a path."""
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``step-*`` folder, complete or not, oldest first (temporary folders never count)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(
+    output_dir: str | Path, resume: str, warn: Callable[[str], None] | None = None
+) -> Path | None:
+    """``latest`` -> newest complete checkpoint (None if the run has none yet); else the
+    checkpoint ``resume`` names (a path, or ``step-N`` in the run), which must be complete.
+
+    Damaged checkpoints passed over by ``latest`` are reported through ``warn``, one line each.
+    """
     if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        damaged = []
+        for path in reversed(step_folders(output_dir)):
+            problem = verify(path)
+            if problem is None:
+                if damaged and warn is not None:
+                    warn(f"resuming from {path.name}, the newest complete checkpoint")
+                return path
+            damaged.append(path.name)
+            if warn is not None:
+                warn(f"checkpoint {path} is damaged ({problem}); skipping it")
+        if damaged:
+            raise ValueError(
+                f"no complete checkpoint in {checkpoint_root(output_dir)} ({', '.join(damaged)} "
+                "damaged); pass --overwrite to start the run again"
+            )
+        return None
     path = Path(resume)
-    if not (path / "state.json").is_file():
+    if not path.exists() and (m := STEP_NAME.match(resume)):
+        path = checkpoint_root(output_dir) / step_dir_name(int(m.group(1)))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; pass --resume latest or a step-* folder of the run"
+        )
+    if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
         raise FileNotFoundError(
             f"{path} is not a wadi checkpoint (no state.json); pass --resume latest or a step-* folder"
         )
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(
+            f"checkpoint {path} is damaged ({problem}); pass --resume latest to continue from "
+            "the newest complete one"
+        )
     return path
+
+
+# -- manifest -----------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: relative path -> size and sha256 of every file; written last."""
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(folder)
+    }
+    write_json({"files": files}, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with the checkpoint in ``folder`` (one phrase), or None if it is complete."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        return f"{MANIFEST} missing, so it was never completed"
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+        return f"{MANIFEST} is not readable"
+    if "state.json" not in files:
+        return "state.json is not in the manifest"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes, expected {entry.get('size')}"
+        if _sha256(path) != entry.get("sha256"):
+            return f"{name} does not match its checksum"
+    try:
+        state = read_state(folder)
+        missing = [k for k in STATE_KEYS if not isinstance(state.get(k), int)]
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return "state.json is not valid JSON"
+    if missing:
+        return f"state.json lacks {', '.join(missing)}"
+    return None
 
 
 # -- optimizer state without pickle ---------------------------------------------------------
@@ -134,14 +241,16 @@ def begin(output_dir: str | Path, step: int) -> Path:
 
 
 def commit(tmp: Path, keep: int) -> Path:
-    """Rename a complete temporary checkpoint into place, then drop the oldest beyond ``keep``."""
+    """Write the manifest, rename a complete temporary checkpoint into place, then drop the
+    oldest beyond ``keep``."""
     final = tmp.parent / tmp.name.removeprefix(".tmp-")
-    if final.exists():
-        shutil.rmtree(final)
-    for f in tmp.iterdir():  # make the files durable before the rename publishes them
+    write_manifest(tmp)
+    for f in tmp.rglob("*"):  # make the files durable before the rename publishes them
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(tmp.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

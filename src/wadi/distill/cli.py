@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
+from pathlib import Path
 
 # flag -> (config key, type, help)
 FLAGS = {
@@ -17,7 +19,11 @@ FLAGS = {
     "--output-dir": ("output_dir", str, "where checkpoints and final/ go"),
     "--max-steps": ("max_steps", int, "training iterations (paper: ~22k)"),
     "--batch-size": ("batch_size", int, "prompts per process per step (paper: 16)"),
-    "--resolution": ("resolution", int, "image side in pixels (SD 512, PixArt 256)"),
+    "--resolution": (
+        "resolution",
+        int,
+        "image side in pixels (default: the teacher's native size, e.g. SD1.5 512)",
+    ),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
     "--keep-checkpoints": ("keep_checkpoints", int, "how many checkpoints to keep"),
     "--seed": ("seed", int, "random seed"),
@@ -66,28 +72,62 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-export", dest="export_pipeline", action="store_false", default=None)
     p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bar, start summary or checkpoint lines (warnings still show)",
+    )
+    p.add_argument(
+        "--full-scope",
+        dest="full_scope",
+        choices=("preset", "all"),
+        default=None,
+        help="with --adapter full: train the preset's layers (default) or every parameter",
+    )
+    p.add_argument(
         "--include-conv",
         dest="include_conv",
         action="store_true",
         default=None,
         help="also adapt Conv2d layers of the preset's blocks (beyond the paper)",
     )
-    p.add_argument("--resume", help="'latest' or a checkpoint folder (step-*) to continue from")
+    p.add_argument(
+        "--resume",
+        help="'latest' (the newest complete checkpoint), step-N or a checkpoint folder; without "
+        "--config the run's own config.yaml is used",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     p.set_defaults(func=run)
 
 
 def resolve_config(args):
+    """Defaults <- ``--config`` (or, resuming without one, the run's config.yaml) <- flags."""
     from .config import DistillConfig
 
-    base = DistillConfig.load(args.config).to_dict() if args.config else DistillConfig().to_dict()
+    if args.config:
+        base = DistillConfig.load(args.config).to_dict()
+    elif args.resume and args.output_dir and (Path(args.output_dir) / "config.yaml").is_file():
+        # the run's own recipe; where the folder is now (moved, copied) is where it runs
+        base = DistillConfig.load(Path(args.output_dir) / "config.yaml").to_dict()
+        base["output_dir"] = args.output_dir
+    elif args.resume and not args.teacher:
+        out = args.output_dir or DistillConfig().output_dir
+        raise FileNotFoundError(
+            f"{out} holds no wadi run (no config.yaml) to resume; check --output-dir, or pass "
+            "--config FILE"
+        )
+    else:
+        base = DistillConfig().to_dict()
     keys = [key for key, _, _ in FLAGS.values()] + [
         "validation_prompts",
         "gradient_checkpointing",
         "export_pipeline",
         "include_conv",
+        "progress",
+        "full_scope",
     ]
     for key in keys:
         value = getattr(args, key, None)
@@ -102,11 +142,24 @@ def run(args) -> int:
         print(config.to_yaml(), end="")
         return 0
     from .loop import train
+    from .run_dir import resume_command
 
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        out = Path(config.output_dir)
+        if os.environ.get("RANK", "0") == "0" and (out / "config.yaml").is_file():
+            print(
+                f"wadi distill: interrupted; continue with: {resume_command(out)}",
+                file=sys.stderr,
+            )
+        raise
     if result.final_dir is not None:
+        rate = (
+            f"{result.seconds_per_step:.3f} s/step" if result.steps_run else "nothing left to run"
+        )
         print(
-            f"wadi distill: {result.steps} steps ({result.skipped_steps} skipped), "
-            f"{result.seconds_per_step:.3f} s/step; results in {result.final_dir}"
+            f"wadi distill: {result.steps} steps ({result.steps_run} run now, "
+            f"{result.skipped_steps} skipped), {rate}; results in {result.final_dir}"
         )
     return 0

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import report, run_dir
 from .config import DistillConfig
 from .losses import add_noise, fake_score_loss, generator_loss, sample_timesteps
 from .roles import FAKE, Roles
@@ -49,9 +52,10 @@ class TrainResult:
     steps: int
     skipped_steps: int
     history: list[dict] = field(default_factory=list)
-    seconds_per_step: float = float("nan")
+    seconds_per_step: float = float("nan")  # of the steps run in this call only (nan: none)
     student_state: dict = field(default_factory=dict)  # this process's trained tensors
     fake_state: dict = field(default_factory=dict)
+    steps_run: int = 0  # steps run in this call (steps minus the resumed ones)
 
 
 # -- data order ---------------------------------------------------------------------------------
@@ -204,46 +208,6 @@ class Update:
         return ckpt.optimizer_to_files(self.optimizer)
 
 
-# -- output folder ----------------------------------------------------------------------------------
-
-
-def prepare_output_dir(config: DistillConfig, resume: str | None, overwrite: bool) -> Path | None:
-    """Refuse to mix runs: returns the checkpoint to resume from (or None)."""
-    out = Path(config.output_dir)
-    existing = out / "config.yaml"
-    if resume:
-        if existing.is_file():
-            previous = DistillConfig.load(existing)
-            diffs = previous.differences(config)
-            if diffs:
-                raise ValueError(
-                    f"{out} holds a run with a different config ({', '.join(diffs)}); resume it with its own "
-                    "config, or choose another --output-dir"
-                )
-        return ckpt.resolve_resume(out, resume)
-    if existing.is_file() and not overwrite:
-        previous = DistillConfig.load(existing)
-        diffs = previous.differences(config)
-        what = f"a run with a different config ({', '.join(diffs)})" if diffs else "a run"
-        raise ValueError(
-            f"{out} already holds {what}; pass --resume latest to continue it or --overwrite to replace it"
-        )
-    if out.is_dir() and any(out.iterdir()) and not existing.is_file() and not overwrite:
-        raise ValueError(
-            f"{out} exists, is not empty and is not a wadi run; choose another --output-dir"
-        )
-    return None
-
-
-def _clear_run(out: Path) -> None:
-    for name in ("checkpoints", "final", "samples", "logs", "config.yaml"):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 # -- one iteration ------------------------------------------------------------------------------------
 
 
@@ -321,28 +285,67 @@ def train(
     """
     from accelerate import PartialState
 
-    from wadi.backbones import alpha_bar_from_scheduler, load_backbone
-
     config.validate()
     config.check_inputs()
+    config = config.with_absolute_paths()  # config.yaml then works from any folder
     state = PartialState()
     device, rank, world = state.device, state.process_index, state.num_processes
     if dist.is_available() and dist.is_initialized():
         # the launcher's process group is the truth (accelerate on CPU may report one process)
         rank, world = dist.get_rank(), dist.get_world_size()
+    # one run per folder: the main process holds the lock for the whole run
+    lock, error = (run_dir.RunLock(config.output_dir), None) if rank == 0 else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except ValueError as err:
+            error = err
+    if not all_true(error is None, device):
+        raise error or ValueError(f"the main process could not lock {config.output_dir}")
+    try:
+        result = _train(config, device, rank, world, resume, overwrite, callback, callback_every)
+    except BaseException as err:
+        if lock is not None:
+            lock.release_after_failure()
+        if isinstance(err, OSError):  # a full disk or read-only folder: one line naming it
+            line = run_dir.place_error(err, Path(config.output_dir))
+            if line is not err:
+                raise line from err
+        raise
+    if lock is not None:
+        lock.release()
+    return result
+
+
+def _train(config, device, rank, world, resume, overwrite, callback, callback_every):
+    """The body of :func:`train`, run while the main process holds the run folder's lock."""
+    from wadi.backbones import alpha_bar_from_scheduler, load_backbone
+
     is_main = rank == 0
     out = Path(config.output_dir)
 
-    resume_from = prepare_output_dir(config, resume, overwrite)
+    resume_from = run_dir.prepare_output_dir(
+        config, resume, overwrite, run_dir.warn if is_main else None
+    )
 
     dtype = DTYPES[config.mixed_precision]
     backbone = load_backbone(
         config.teacher, dtype=dtype, device=device, load_text_encoder=not config.embeddings
     )
+    if config.resolution is None:  # the teacher's own size, recorded in config.yaml
+        config = config.replace(resolution=report.native_resolution(backbone))
     torch.manual_seed(config.seed)  # identical adapter initialisation on every process
     roles = Roles(
-        backbone, config.adapter, config.student_rank, config.fake_rank, config.include_conv
+        backbone,
+        config.adapter,
+        config.student_rank,
+        config.fake_rank,
+        config.include_conv,
+        config.full_scope,
     )
+    counts = roles.parameter_counts()
+    if is_main and (warning := report.share_warning(config, counts)):
+        run_dir.warn(warning)
     if config.gradient_checkpointing:
         roles.enable_gradient_checkpointing()
     roles.train()
@@ -363,7 +366,7 @@ def train(
     _barrier()
     if is_main:
         if overwrite and not resume:
-            _clear_run(out)
+            run_dir.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "config.yaml")
     _barrier()
@@ -386,6 +389,12 @@ def train(
     writer = _summary_writer(out) if is_main else None
     history: list[dict] = []
     bar = None
+    if is_main and config.progress:
+        text = report.summary(
+            config, backbone, counts, device=device, dtype=dtype, world=world, step=step,
+            resume_from=resume_from,
+        )  # fmt: skip
+        print(text, file=sys.stderr, flush=True)
     if is_main and config.progress:
         from tqdm.auto import tqdm
 
@@ -461,7 +470,7 @@ def train(
         if callback and is_main and callback_every and step % callback_every == 0:
             callback(step, context)
 
-    seconds = (time.perf_counter() - t_start) / max(steps_run, 1)
+    seconds = (time.perf_counter() - t_start) / steps_run if steps_run else math.nan
     if bar is not None:
         bar.close()
     if writer is not None:
@@ -476,7 +485,9 @@ def train(
     if is_main:
         final_dir = _write_final(config, backbone, roles, ema, alpha_bar_T, out)
     _barrier()
-    return TrainResult(out, final_dir, step, skipped, history, seconds, student_state, fake_state)
+    return TrainResult(
+        out, final_dir, step, skipped, history, seconds, student_state, fake_state, steps_run
+    )
 
 
 def _ema_update(ema: dict, current: dict, decay: float) -> None:
@@ -501,6 +512,25 @@ def _save_checkpoint(
 ):
     out = Path(config.output_dir)
     tmp = ckpt.checkpoint_root(out) / f".tmp-{ckpt.step_dir_name(step)}"
+    try:
+        _write_checkpoint(
+            tmp, config, roles, student, fake, ema, generator, step, skipped, in_a_row, rank, world
+        )
+    except OSError:  # nothing partial: the temporary folder goes (a full disk, ...)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0 and config.progress:
+        from tqdm.auto import tqdm
+
+        final = ckpt.checkpoint_root(out) / ckpt.step_dir_name(step)
+        tqdm.write(f"wadi distill: checkpoint of step {step} in {final}", file=sys.stderr)
+
+
+def _write_checkpoint(
+    tmp, config, roles, student, fake, ema, generator, step, skipped, in_a_row, rank, world
+):
+    out = Path(config.output_dir)
     if rank == 0:
         tmp = ckpt.begin(out, step)
     _barrier()

@@ -3,7 +3,9 @@
 * teacher    = the base denoiser with every adapter off
 * fake score = base + LoRaD adapter ``"fake"`` (rank 32 by default)
 * student    = base + LoRaD adapter ``"student"`` (the paper), or a baseline:
-  PEFT LoRA / DoRA on the same layers, or a full trainable copy (``full``)
+  PEFT LoRA / DoRA on the same layers, or a trainable copy (``full``) whose trainable
+  part is the same layers (``full_scope="preset"``, weight and bias) or everything
+  (``full_scope="all"``)
 
 Each role is a context manager that switches the shared denoiser into that
 role.  Run a backward pass inside the same role as its forward: activation
@@ -27,28 +29,42 @@ class Roles:
     """Owns the adapters on ``backbone.denoiser`` and switches between roles."""
 
     def __init__(
-        self, backbone, adapter="lorad", student_rank=None, fake_rank=None, include_conv=False
+        self,
+        backbone,
+        adapter="lorad",
+        student_rank=None,
+        fake_rank=None,
+        include_conv=False,
+        full_scope="preset",
     ):
+        if full_scope not in ("preset", "all"):
+            raise ValueError(f"full_scope must be 'preset' or 'all', got {full_scope!r}")
         self.backbone = backbone
         self.adapter = adapter
+        self.full_scope = full_scope
         self.base = backbone.denoiser
         self.student_copy: nn.Module | None = None
+        self.student_config = lorad.preset(
+            backbone.student_preset,
+            include_conv=include_conv,
+            **({"rank": student_rank} if student_rank else {}),
+        )
         if adapter == "full":
-            # the baseline: a full trainable copy of the denoiser, made before any adapter exists
+            # the baseline: a trainable copy of the denoiser, made before any adapter exists
             self.student_copy = copy.deepcopy(self.base)
-            self.student_copy.requires_grad_(True)
             self.student_copy.to(torch.float32)
+            if full_scope == "all":
+                self.student_copy.requires_grad_(True)
+            else:  # the layers the adapters would get: the fair comparison
+                self.student_copy.requires_grad_(False)
+                for name in self._preset_layer_names(self.student_copy):
+                    self.student_copy.get_submodule(name).requires_grad_(True)
         fake_cfg = lorad.preset(
             backbone.fake_preset,
             include_conv=include_conv,
             **({"rank": fake_rank} if fake_rank else {}),
         )
         lorad.attach(self.base, fake_cfg, FAKE, activate=False)
-        self.student_config = lorad.preset(
-            backbone.student_preset,
-            include_conv=include_conv,
-            **({"rank": student_rank} if student_rank else {}),
-        )
         if adapter == "lorad":
             lorad.attach(self.base, self.student_config, STUDENT, activate=False)
         elif adapter in ("lora", "dora"):
@@ -56,18 +72,23 @@ class Roles:
         lorad.set_active(self.base, None)
 
     # -- baselines -----------------------------------------------------------
+    def _preset_layer_names(self, model: nn.Module) -> list[str]:
+        """Names of the layers the student preset selects in ``model`` (wrapped: the base layer)."""
+        kinds = (nn.Linear, nn.Conv2d) if self.student_config.include_conv else (nn.Linear,)
+        names = []
+        for name, module in model.named_modules():
+            if "base_layer" in name.split("."):
+                continue
+            target = module.base_layer if isinstance(module, lorad.LoRaDLayer) else module
+            if isinstance(target, kinds) and self.student_config.matches(name):
+                names.append(f"{name}.base_layer" if isinstance(module, lorad.LoRaDLayer) else name)
+        return names
+
     def _attach_peft(self, use_dora: bool, rank: int) -> None:
         """PEFT LoRA/DoRA on exactly the layers the LoRaD student preset selects."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        names = []
-        for name, module in self.base.named_modules():
-            if "base_layer" in name.split("."):
-                continue
-            target = module.base_layer if isinstance(module, lorad.LoRaDLayer) else module
-            kinds = (nn.Linear, nn.Conv2d) if self.student_config.include_conv else (nn.Linear,)
-            if isinstance(target, kinds) and self.student_config.matches(name):
-                names.append(f"{name}.base_layer" if isinstance(module, lorad.LoRaDLayer) else name)
+        names = self._preset_layer_names(self.base)
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=use_dora)
         inject_adapter_in_model(config, self.base, adapter_name=STUDENT)
         for p in self.fake_parameters():  # PEFT freezes every parameter that is not its own
@@ -106,7 +127,20 @@ class Roles:
             return lorad.adapter_state_dict(self.base, STUDENT)
         if self.adapter in ("lora", "dora"):
             return {n: p for n, p in self.base.named_parameters() if "lora_" in n}
-        return dict(self.student_copy.named_parameters())
+        return {n: p for n, p in self.student_copy.named_parameters() if p.requires_grad}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters of student and fake score, and the frozen base's size."""
+        base = sum(
+            p.numel()
+            for n, p in self.base.named_parameters()
+            if "lorad_" not in n and "lora_" not in n
+        )
+        return {
+            "base": base,
+            "student": sum(p.numel() for p in self.student_parameters()),
+            "fake": sum(p.numel() for p in self.fake_parameters()),
+        }
 
     # -- roles ---------------------------------------------------------------------
     @contextlib.contextmanager
