@@ -184,3 +184,139 @@ def test_exported_one_step_student_images_equal_the_one_step_generator(tiny_sd, 
             x = backbone.decode(backbones.one_step(backbone, z, cond, a))
         expected = to_uint8((x / 2 + 0.5).permute(0, 2, 3, 1).numpy())[0].astype(np.int16)
         assert np.abs(_pixels(out / image_name(i, 5)) - expected).max() <= 1, i
+
+
+# ---- pixel space: the shipped digits teacher and its exported pipeline (no vae/) ----
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    from pathlib import Path
+
+    import wadi.toy
+
+    return Path(wadi.toy.__file__).parent / "assets" / "teacher"
+
+
+@pytest.fixture(scope="module")
+def digits_export(digits_teacher, tmp_path_factory):
+    """The digits teacher exported as a one-step pipeline folder, as `wadi export` writes it."""
+    from wadi.backbones import load_backbone
+
+    backbone = load_backbone(digits_teacher)
+    return backbone.save_pipeline(backbone.denoiser, tmp_path_factory.mktemp("toy") / "student")
+
+
+def _raw_parts(folder):
+    """U-Net and prompt encoder straight from diffusers / transformers, without wadi."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+
+    def encode(prompts):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return text_encoder(ids)[0]
+
+    return unet, encode
+
+
+def _noise(seed, shape):
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _grey_uint8(x):
+    """(1, 1, H, W) in [-1, 1] -> (H, W) uint8, the PNG `generate` should have written."""
+    return to_uint8((x[0, 0] / 2 + 0.5).numpy()).astype(np.int16)
+
+
+DIGIT_PROMPTS = ["a handwritten 7", "the digit three"]
+
+
+@pytest.fixture()
+def digit_captions(tmp_path):
+    path = tmp_path / "digits.txt"
+    path.write_text("\n".join(DIGIT_PROMPTS) + "\n")
+    return path
+
+
+def test_generate_shipped_digits_teacher_ddim_cfg(digits_teacher, digit_captions, tmp_path):
+    """`wadi eval generate` on the shipped pixel teacher (model_index WadiPixelTeacher, no VAE):
+    each PNG is a 2-step DDIM with CFG 3 written out with diffusers' scheduler by hand."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from wadi.cli import main
+
+    out = tmp_path / "teacher"
+    args = [
+        "eval", "generate", "--protocol", "custom", "--captions", str(digit_captions),
+        "--model", str(digits_teacher), "--output-dir", str(out), "--steps", "2",
+        "--guidance", "3", "--seed", "5", "--dtype", "float32",
+    ]  # fmt: skip
+    assert main(args) == 0
+    side = json.loads((out / SIDECAR).read_text())
+    assert (side["space"], side["resolution"], side["steps"], side["guidance"]) == (
+        "pixel", 16, 2, 3.0,
+    )  # fmt: skip
+    assert "sample_multistep" in side["sampler"]
+
+    unet, encode = _raw_parts(digits_teacher)
+    scheduler = DDIMScheduler.from_pretrained(digits_teacher, subfolder="scheduler")
+    scheduler = DDIMScheduler.from_config(
+        scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False
+    )
+    scheduler.set_timesteps(2)
+    with torch.no_grad():
+        null = encode([""])
+        for i, prompt in enumerate(DIGIT_PROMPTS):
+            x = _noise(5 + i, (1, 1, 16, 16))
+            cond = encode([prompt])
+            for t in scheduler.timesteps:
+                eps_null = unet(x, t, encoder_hidden_states=null).sample
+                eps_cond = unet(x, t, encoder_hidden_states=cond).sample
+                step = scheduler.step(eps_null + 3.0 * (eps_cond - eps_null), t, x, eta=0.0)
+                x, x0 = step.prev_sample, step.pred_original_sample
+            with Image.open(out / image_name(i, 2)) as im:
+                assert im.mode == "L" and im.size == (16, 16)
+            assert np.abs(_pixels(out / image_name(i, 2)) - _grey_uint8(x0)).max() <= 1, i
+    assert _pixels(out / "00000.png").std() > 0
+
+
+def test_generate_exported_pixel_pipeline_one_step(digits_export, digit_captions, tmp_path):
+    """An exported pixel-space pipeline (model_index StableDiffusionPipeline, vae null):
+    one step gives x0 = (z - sqrt(1 - a) eps(z, 999, c)) / sqrt(a), and resume works."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    captions = load_captions(digit_captions, get_protocol("custom"))
+    out = tmp_path / "student"
+    record = generate_images(digits_export, captions, out, steps=1, seed=9, dtype="float32")
+    assert record["space"] == "pixel" and record["resolution"] == 16
+    assert "one_step" in record["sampler"]
+
+    unet, encode = _raw_parts(digits_export)
+    a = float(
+        DDIMScheduler.from_pretrained(digits_export, subfolder="scheduler").alphas_cumprod[999]
+    )
+    with torch.no_grad():
+        for i, prompt in enumerate(DIGIT_PROMPTS):
+            z = _noise(9 + i, (1, 1, 16, 16))
+            eps = unet(z, 999, encoder_hidden_states=encode([prompt])).sample
+            x0 = (z - (1 - a) ** 0.5 * eps) / a**0.5
+            assert np.abs(_pixels(out / image_name(i, 2)) - _grey_uint8(x0)).max() <= 1, i
+
+    again = generate_images(digits_export, captions, out, steps=1, seed=9, dtype="float32")
+    assert again["skipped_finished"] == 2
+
+
+def test_load_pipeline_names_pixel_space(digits_teacher):
+    with pytest.raises(ValueError, match="no vae/"):
+        load_pipeline(digits_teacher, None, "cpu")

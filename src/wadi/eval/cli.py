@@ -36,7 +36,11 @@ def register(subparsers) -> None:
         )
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    gen = sub.add_parser("generate", help="one image per caption from a diffusers pipeline folder")
+    gen = sub.add_parser(
+        "generate",
+        help="one image per caption from a diffusers pipeline folder "
+        "(latent or pixel space: a teacher or an exported student)",
+    )
     common(gen)
     gen.add_argument(
         "--model",
@@ -51,7 +55,13 @@ def register(subparsers) -> None:
         default=0.0,
         help="CFG scale; <= 1 disables guidance (student: 0; SD teacher: 3)",
     )
-    gen.add_argument("--resolution", type=int, default=512, help="square image side in pixels")
+    gen.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="square image side in pixels (default: the model's own, 512 for SD1.5, "
+        "16 for the digits teacher)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument(

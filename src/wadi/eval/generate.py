@@ -1,6 +1,9 @@
 """``wadi eval generate``: one image per caption from a stock diffusers pipeline folder.
 
-Works for an exported one-step student (``steps=1``) and a multi-step teacher alike.
+Works for an exported one-step student (``steps=1``) and a multi-step teacher alike,
+in latent space (a folder with ``vae/``: run by its stock diffusers pipeline) or in
+pixel space (no ``vae/``, such as the digits teacher and its exported students: run by
+:mod:`wadi.backbones`, whose one-step generator and DDIM sampler equal the pipeline's).
 Image ``i`` is ``{i:05d}.png`` and its noise comes from a CPU generator seeded with
 ``seed + i``, so it does not depend on batching, on the number of processes or on the
 GPU.  Finished images are skipped (resume), the work is split across processes with
@@ -94,6 +97,20 @@ def load_pipeline(model: str | Path, dtype, device):
     """A stock diffusers pipeline from a local folder; the safety checker is switched off."""
     from diffusers import DiffusionPipeline
 
+    model = _check_model_folder(model)
+    if is_pixel_space(model):
+        raise ValueError(
+            f"{model} has no vae/ (a pixel-space model): the stock diffusers pipelines need "
+            "one; `wadi eval generate` runs it through wadi.backbones instead"
+        )
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # it blacks out images and would bias FID
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _check_model_folder(model: str | Path) -> Path:
     model = Path(model).expanduser()
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
@@ -102,11 +119,101 @@ def load_pipeline(model: str | Path, dtype, device):
             f"{model} is not a diffusers pipeline folder (model_index.json missing); "
             "export a student with `wadi export` or point at a teacher pipeline folder"
         )
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # it blacks out images and would bias FID
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return model
+
+
+def is_pixel_space(model: str | Path) -> bool:
+    """True for a folder without ``vae/``: its denoiser works on pixels, not VAE latents."""
+    return not (Path(model).expanduser() / "vae").is_dir()
+
+
+class _StockSampler:
+    """A latent-space folder through its stock diffusers pipeline (``output_type="np"``)."""
+
+    def __init__(self, model: Path, dtype, device, resolution: int | None):
+        self.pipe = pipe = load_pipeline(model, dtype, device)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        self.resolution = resolution or int(denoiser.config.sample_size) * factor
+        self.pipeline_kwargs = {}
+        if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+            self.pipeline_kwargs["use_resolution_binning"] = False  # keep the size asked for
+        self.describe = {
+            "pipeline": type(pipe).__name__,
+            "scheduler": type(pipe.scheduler).__name__,
+            "scheduler_config": dict(pipe.scheduler.config),
+        }
+
+    def __call__(self, prompts, indices, seed, steps, guidance) -> np.ndarray:
+        import torch
+
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=self.resolution,
+                width=self.resolution,
+                generator=generators,
+                output_type="np",
+                **self.pipeline_kwargs,
+            ).images
+        return np.asarray(out)
+
+
+class _PixelSampler:
+    """A pixel-space folder (no VAE) through :mod:`wadi.backbones`.
+
+    One step without guidance is :func:`wadi.backbones.onestep.one_step` with the folder's
+    ``alpha_bar_T`` (what an exported student's stock scheduler computes); otherwise DDIM
+    with classifier-free guidance (:func:`wadi.backbones.sampling.sample_multistep`).  The
+    noise of image ``i`` comes from ``torch.Generator('cpu').manual_seed(seed + i)``
+    exactly as the stock pipelines draw it.
+    """
+
+    def __init__(self, model: Path, dtype, device, resolution: int | None):
+        from wadi.backbones.onestep import alpha_bar_from_scheduler
+        from wadi.backbones.registry import load_backbone
+
+        self.backbone = backbone = load_backbone(model, dtype=dtype, device=device)
+        self.dtype, self.device = dtype, device
+        self.resolution = resolution or int(backbone.denoiser.config.sample_size)
+        self.size = backbone.latent_size(self.resolution)
+        self.alpha_bar_T = alpha_bar_from_scheduler(backbone.scheduler)
+        self.null = None
+        self.pipeline_kwargs = {}
+        self.describe = {
+            "pipeline": f"wadi.backbones ({type(backbone).__name__}, pixel space)",
+            "scheduler": type(backbone.scheduler).__name__,
+            "scheduler_config": dict(backbone.scheduler.config),
+        }
+
+    def sampler_for(self, steps: int, guidance: float) -> str:
+        if steps == 1 and guidance <= 1.0:
+            return f"wadi.backbones.onestep.one_step, alpha_bar_T={self.alpha_bar_T!r}"
+        return "wadi.backbones.sampling.sample_multistep (DDIM trailing, eta 0, CFG)"
+
+    def __call__(self, prompts, indices, seed, steps, guidance) -> np.ndarray:
+        import torch
+
+        from wadi.backbones.generate import seeded_noise
+        from wadi.backbones.onestep import one_step
+        from wadi.backbones.sampling import sample_multistep
+
+        shape = (self.backbone.latent_channels, self.size, self.size)
+        z = seeded_noise(indices, seed, shape).to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            cond = self.backbone.encode_prompts(list(prompts))
+            if steps == 1 and guidance <= 1.0:
+                x0 = one_step(self.backbone, z, cond, self.alpha_bar_T)
+            else:
+                if self.null is None:
+                    self.null = self.backbone.encode_prompts([""])
+                scale = max(float(guidance), 1.0)  # <= 1: no guidance, as in diffusers
+                x0 = sample_multistep(self.backbone, cond, self.null, z, steps, scale)
+            images = self.backbone.decode(x0)
+        return (images.float().cpu() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def _check_sidecar(path: Path, knobs: dict) -> None:
@@ -127,7 +234,7 @@ def generate_images(
     *,
     steps: int = 1,
     guidance: float = 0.0,
-    resolution: int = 512,
+    resolution: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
     dtype: str | None = None,
@@ -137,7 +244,9 @@ def generate_images(
 
     Runs in every process of an ``accelerate launch``; each takes its share of the
     unfinished caption indices.  Guidance <= 1 means no classifier-free guidance
-    (diffusers' convention), as for a one-step student.
+    (diffusers' convention), as for a one-step student.  ``resolution`` None is the
+    model's own size (the denoiser's sample size times the VAE factor: 512 for SD1.5,
+    16 for the digits teacher).
     """
     import torch
     from accelerate import PartialState
@@ -146,7 +255,7 @@ def generate_images(
     from wadi import __version__
     from wadi.backbones.export import parse_dtype
 
-    if steps < 1 or resolution < 8 or batch_size < 1:
+    if steps < 1 or (resolution is not None and resolution < 8) or batch_size < 1:
         raise ValueError(
             f"steps ({steps}), resolution ({resolution}) and batch size ({batch_size}) "
             "must be positive (resolution at least 8)"
@@ -158,18 +267,15 @@ def generate_images(
         dtype = "float32" if state.device.type == "cpu" else "float16"
     torch_dtype = parse_dtype(dtype)
     output_dir = check_output_dir(output_dir)  # a file or read-only: refused before any work
-    pipe = load_pipeline(model, torch_dtype, state.device)
-
-    call_params = inspect.signature(pipe.__call__).parameters
-    pipeline_kwargs = {}
-    if "use_resolution_binning" in call_params:
-        pipeline_kwargs["use_resolution_binning"] = False  # keep the resolution asked for
+    model = _check_model_folder(model)
+    sampler_cls = _PixelSampler if is_pixel_space(model) else _StockSampler
+    sampler = sampler_cls(model, torch_dtype, state.device, resolution)
+    resolution = sampler.resolution
+    pipeline_kwargs = sampler.pipeline_kwargs
     knobs = {
-        "model": str(Path(model).expanduser().resolve()),
-        "model_sha256": model_fingerprint(Path(model).expanduser()),
-        "pipeline": type(pipe).__name__,
-        "scheduler": type(pipe.scheduler).__name__,
-        "scheduler_config": dict(pipe.scheduler.config),
+        "model": str(model.resolve()),
+        "model_sha256": model_fingerprint(model),
+        **sampler.describe,
         "steps": steps,
         "guidance": guidance,
         "resolution": resolution,
@@ -179,6 +285,12 @@ def generate_images(
         "batch_size": batch_size,
         "pipeline_kwargs": pipeline_kwargs,
         "safety_checker": "disabled",
+        "space": "pixel" if isinstance(sampler, _PixelSampler) else "latent",
+        "sampler": (
+            sampler.sampler_for(steps, guidance)
+            if isinstance(sampler, _PixelSampler)
+            else "the stock diffusers pipeline's __call__"
+        ),
         "protocol": protocol,
         "captions": captions.describe(),
         "captions_list_sha256": captions.list_sha256,  # the texts, wherever the file lives
@@ -210,19 +322,10 @@ def generate_images(
             position=state.process_index,
         )
         for batch in batches:
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in batch]
-            with torch.inference_mode():
-                out = pipe(
-                    prompt=[captions.texts[i] for i in batch],
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=resolution,
-                    width=resolution,
-                    generator=generators,
-                    output_type="np",
-                    **pipeline_kwargs,
-                ).images
-            for i, image in zip(batch, to_uint8(np.asarray(out))):
+            out = sampler([captions.texts[i] for i in batch], batch, seed, steps, guidance)
+            for i, image in zip(batch, to_uint8(out)):
+                if image.shape[-1] == 1:  # one channel (the digits): a greyscale PNG
+                    image = image[..., 0]
                 path = output_dir / image_name(i, total)
                 with writing_output(path):  # a full disk: finished images stay, a rerun resumes
                     save_png(image, path)
