@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,15 @@ def test_reference_cache_keyed_by_protocol(tmp_path):
     _, rec4 = reference_features(ext, ref, proto, cache)
     assert not rec4["cache_hit"] and rec4["key"]["reference_count"] == 6
     assert not list(cache.glob("*.tmp*")) and len(list(cache.glob("*.safetensors"))) == 3
+
+    # a damaged cache file (truncated) is not trusted: recomputed with a warning, rewritten
+    cached = Path(rec4["cache_file"])
+    cached.write_bytes(cached.read_bytes()[:20])
+    seen = ext.seen
+    with pytest.warns(UserWarning, match="is damaged"):
+        feats5, rec5 = reference_features(ext, ref, proto, cache)
+    assert ext.seen == seen + 6 and not rec5["cache_hit"] and feats5.shape == (6, 3)
+    assert reference_features(ext, ref, proto, cache)[1]["cache_hit"]
 
 
 def _torchvision_offset(length: int, side: int) -> int:

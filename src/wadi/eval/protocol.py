@@ -304,8 +304,17 @@ def reference_features(
         )
         record["cache_file"] = str(cache_file)
         if cache_file.is_file():
-            record["cache_hit"] = True
-            return load_file(str(cache_file))["features"], record
+            try:
+                cached = load_file(str(cache_file))["features"]
+            except Exception as err:  # noqa: BLE001 - truncated or foreign file: recompute
+                warnings.warn(
+                    f"reference feature cache {cache_file} is damaged "
+                    f"({type(err).__name__}); computing the features again",
+                    stacklevel=2,
+                )
+            else:
+                record["cache_hit"] = True
+                return cached, record
     feats = extract_features(
         extractor, files, protocol.resize, batch_size, workers, desc=f"reference {extractor.name}"
     )
