@@ -109,3 +109,13 @@ def test_shipped_teacher_accuracy_on_500_samples():
     digits = balanced_digits(500)
     images = sample_teacher(load_backbone(TEACHER_DIR), digits, seed=0)
     assert evaluate_images(images, digits)["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "train-evaluator"])
+def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys, command):
+    target = tmp_path / "weights"
+    target.write_text("precious")
+    assert main(["toy", command, "--out", str(target), "--overwrite", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--out {target} is a file" in err
+    assert target.read_text() == "precious"
