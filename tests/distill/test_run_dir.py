@@ -286,3 +286,19 @@ def test_interrupt_prints_the_resume_command_that_works(
     monkeypatch.undo()
     assert main(shlex.split(command)[1:]) == 0
     assert ckpt.read_state(ckpt.list_checkpoints(out)[-1])["step"] == 4
+
+
+def test_cuda_device_on_a_machine_without_one_is_one_line(
+    teachers, prompts, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    code = main(
+        ["distill", "--teacher", str(teachers["sd-eps"]), "--prompts", str(prompts)]
+        + ["--output-dir", str(out), "--device", "cuda"]
+    )
+    line = _last_line(capsys)
+    assert code == 2 and "CUDA is not available on this machine; use --device cpu" in line
+    assert not out.exists()

@@ -214,3 +214,16 @@ def test_share_warning_only_for_rank_adapters():
     assert "51%" in share_warning(DistillConfig(student_rank=9), counts)
     assert share_warning(DistillConfig(), {**counts, "student": 50}) is None
     assert share_warning(DistillConfig(adapter="full"), counts) is None
+
+
+def test_full_scope_all_run_exports(teachers, prompts, tmp_path):
+    from wadi.distill.export import export_checkpoint
+
+    config = tiny_config(
+        teachers["sd-eps"], prompts, tmp_path / "run", adapter="full", full_scope="all",
+        max_steps=1, export_pipeline=False, device="cpu",
+    )  # fmt: skip
+    result = train(config)
+    assert len(_student(result)) == len(list(result.student_state))
+    export_checkpoint(result.final_dir, tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "unet").is_dir()

@@ -49,6 +49,7 @@ FLAGS = {
         "no, fp16 or bf16 (the frozen base is stored in it)",
     ),
     "--optimizer": ("optimizer", str, "adamw or adamw8bit (bitsandbytes)"),
+    "--device": ("device", str, "cpu, cuda or cuda:N (default: what the launcher gives)"),
     "--ema-decay": ("ema_decay", float, "EMA of the student (off by default)"),
     "--validate-every": ("validate_every", int, "steps between validation grids"),
     "--log-every": ("log_every", int, "steps between TensorBoard points"),

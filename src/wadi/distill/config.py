@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = frozenset(
         "export_pipeline",
         "max_nonfinite_steps",
         "progress",
+        "device",
     }
 )
 
@@ -116,6 +117,7 @@ class DistillConfig:
     validation_prompts: list[str] = field(default_factory=list)
     export_pipeline: bool = True
     progress: bool = True
+    device: str | None = None  # None: what the launcher gives (accelerate); cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         self.validate()

@@ -55,7 +55,12 @@ def export_checkpoint(
     backbone = load_backbone(config.teacher, dtype=torch.float32)
     torch.manual_seed(config.seed)
     roles = Roles(
-        backbone, config.adapter, config.student_rank, config.fake_rank, config.include_conv
+        backbone,
+        config.adapter,
+        config.student_rank,
+        config.fake_rank,
+        config.include_conv,
+        config.full_scope,
     )
     expected = roles.student_named_state()
     if set(state) != set(expected):

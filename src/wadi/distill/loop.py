@@ -288,8 +288,15 @@ def train(
     config.validate()
     config.check_inputs()
     config = config.with_absolute_paths()  # config.yaml then works from any folder
-    state = PartialState()
+    from wadi.devices import resolve_device, warn_if_half_on_cpu
+
+    wanted = resolve_device(config.device) if config.device else None  # one line if absent
+    state = PartialState(cpu=wanted == "cpu")
     device, rank, world = state.device, state.process_index, state.num_processes
+    if wanted is not None and wanted != "cpu" and state.num_processes == 1:
+        device = torch.device(wanted)
+    if rank == 0:
+        warn_if_half_on_cpu(device, config.mixed_precision, "wadi distill")
     if dist.is_available() and dist.is_initialized():
         # the launcher's process group is the truth (accelerate on CPU may report one process)
         rank, world = dist.get_rank(), dist.get_world_size()
