@@ -90,7 +90,7 @@ class Backbone:
         """Load denoiser, scheduler, optional VAE and (optionally) text parts from ``path``."""
         import diffusers
 
-        from .registry import load_scheduler, load_vae
+        from .loading import load_scheduler, load_vae
 
         denoiser = getattr(diffusers, cls.denoiser_class).from_pretrained(
             path, subfolder=cls.denoiser_folder, torch_dtype=dtype

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .registry import load_text_encoder, register_backbone
+from .loading import load_text_encoder
 
 __all__ = ["PixArtBackbone", "PIXART_MAX_TOKENS", "upcast_output_head"]
 
@@ -46,7 +46,6 @@ def upcast_output_head(transformer: nn.Module) -> nn.Module:
     return transformer
 
 
-@register_backbone
 class PixArtBackbone(Backbone):
     kind = "pixart"
     student_preset = "pixart-student"

@@ -1,14 +1,15 @@
 """Find the right :class:`Backbone` for a diffusers pipeline folder and load it.
 
-Architectures register themselves with :func:`register_backbone`; a new one
-(SDXL, ...) is a subclass with ``denoiser_folder``, ``accepts`` and
-``from_folder``; the training loop does not change.
+The built-in architectures are listed here explicitly (:data:`BUILTIN`); a user's own
+backbone joins with :func:`register_backbone`.  A new architecture is one file with a
+:class:`Backbone` subclass (``denoiser_folder``, ``accepts``, the ``_`` hooks) plus one
+line here; the training loop does not change.  The implementations import only
+``base`` and ``loading``, never this module, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,15 +18,21 @@ from pathlib import Path
 import torch
 
 from .base import Backbone
+from .loading import load_scheduler, load_text_encoder, load_vae, read_json
 
 __all__ = [
     "register_backbone",
     "registered_backbones",
     "load_backbone",
+    "builtin_backbones",
     "read_json",
+    "load_scheduler",
+    "load_vae",
+    "load_text_encoder",
     "reporting_damaged_files",
 ]
 
+#: backbones added by users with :func:`register_backbone` (tried before the built-ins)
 _REGISTRY: list[type[Backbone]] = []
 
 
@@ -36,21 +43,16 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     return cls
 
 
+def builtin_backbones() -> list[type[Backbone]]:
+    """wadi's own architectures, most specific first (imported on first use)."""
+    from .pixart import PixArtBackbone
+    from .sd import SDUNetBackbone
+
+    return [SDUNetBackbone, PixArtBackbone]
+
+
 def registered_backbones() -> list[type[Backbone]]:
-    _ensure_builtin()
-    return list(_REGISTRY)
-
-
-def _ensure_builtin() -> None:
-    from . import pixart, sd  # noqa: F401  (registers SDUNetBackbone, PixArtBackbone)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file as a dict, with a one-line error if it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the folder looks damaged") from None
+    return list(_REGISTRY) + [c for c in builtin_backbones() if c not in _REGISTRY]
 
 
 @contextlib.contextmanager
@@ -170,50 +172,3 @@ def load_backbone(
             module.requires_grad_(False)
             module.eval()
     return backbone
-
-
-def load_scheduler(root: Path):
-    """The teacher's scheduler, of the class named in its config."""
-    import diffusers
-
-    config = read_json(root / "scheduler" / "scheduler_config.json")
-    name = config.get("_class_name", "DDPMScheduler")
-    scheduler_cls = getattr(diffusers, name, None)
-    if scheduler_cls is None or not hasattr(scheduler_cls, "from_pretrained"):
-        raise ValueError(f"unknown scheduler class {name!r} in {root / 'scheduler'}")
-    scheduler = scheduler_cls.from_pretrained(root, subfolder="scheduler")
-    if not hasattr(scheduler, "alphas_cumprod"):
-        raise ValueError(
-            f"scheduler {name} in {root} has no alphas_cumprod (not a DDPM-type schedule); "
-            "wadi needs a discrete-time diffusion teacher"
-        )
-    return scheduler
-
-
-def load_vae(root: Path, dtype, device):
-    """The teacher's VAE, or ``None`` when the folder has no ``vae/`` (pixel space)."""
-    if not (root / "vae").is_dir():
-        return None
-    if not (root / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"teacher {root} is incomplete: vae/config.json missing")
-    import diffusers
-
-    name = read_json(root / "vae" / "config.json").get("_class_name", "AutoencoderKL")
-    vae_cls = getattr(diffusers, name, None)
-    if vae_cls is None:
-        raise ValueError(f"unsupported VAE class {name!r} in {root / 'vae'}")
-    return vae_cls.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device)
-
-
-def load_text_encoder(root: Path, default_class: str, dtype, device):
-    """The text encoder (class from its config's ``architectures``) and tokenizer."""
-    import transformers
-
-    config = read_json(root / "text_encoder" / "config.json")
-    name = (config.get("architectures") or [default_class])[0]
-    encoder_cls = getattr(transformers, name, None)
-    if encoder_cls is None:
-        raise ValueError(f"unsupported text encoder {name!r} in {root / 'text_encoder'}")
-    encoder = encoder_cls.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
-    return encoder, tokenizer

@@ -12,12 +12,11 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .registry import load_text_encoder, register_backbone
+from .loading import load_text_encoder
 
 __all__ = ["SDUNetBackbone"]
 
 
-@register_backbone
 class SDUNetBackbone(Backbone):
     kind = "sd-unet"
     student_preset = "sd-unet-student"
