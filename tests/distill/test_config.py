@@ -122,3 +122,34 @@ def test_with_absolute_paths(tmp_path, monkeypatch):
     )
     hub = DistillConfig(teacher="org/model").with_absolute_paths()
     assert hub.teacher == "org/model"  # nothing local by that name: kept as given
+
+
+def test_every_config_field_is_a_flag_with_its_default_in_help(capsys):
+    import argparse
+    import dataclasses
+
+    from wadi.distill import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.register(sub)
+    distill = sub.choices["distill"]
+    dests = {a.dest for a in distill._actions}
+    assert {f.name for f in dataclasses.fields(DistillConfig)} <= dests
+    text = " ".join(distill.format_help().split())  # no line wrapping
+    assert "--max-steps N" in text and "(default: 22000)" in text and "--no-progress" in text
+
+
+def test_existing_flag_spellings_still_work(capsys):
+    argv = ["distill", "--teacher", "t", "--prompts", "p.csv", "--prompt-column", "text"]
+    argv += ["--output-dir", "o", "--mixed-precision", "bf16", "--validation-prompt", "a cat"]
+    argv += ["--validation-prompt", "a dog", "--no-export", "--gradient-checkpointing"]
+    argv += ["--include-conv", "--no-progress", "--alpha-bar-T", "0.0047", "--lr-fake", "1e-3"]
+    argv += ["--adam-betas", "0.8", "0.99", "--adapter", "full", "--full-scope", "all"]
+    assert main([*argv, "--print-config"]) == 0
+    c = DistillConfig.from_yaml(capsys.readouterr().out)
+    assert (c.prompt_column, c.output_dir, c.mixed_precision) == ("text", "o", "bf16")
+    assert c.validation_prompts == ["a cat", "a dog"] and c.export_pipeline is False
+    assert c.gradient_checkpointing and c.include_conv and c.progress is False
+    assert (c.alpha_bar_T, c.lr_fake, c.adam_betas) == (0.0047, 1e-3, (0.8, 0.99))
+    assert (c.adapter, c.full_scope) == ("full", "all")

@@ -2,97 +2,142 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 
-# flag -> (config key, type, help)
-FLAGS = {
-    "--teacher": ("teacher", str, "teacher: a local diffusers pipeline folder"),
-    "--prompts": ("prompts", str, "prompt file: .txt, .jsonl, .csv or .parquet"),
-    "--prompt-column": ("prompt_column", str, "column of a .csv/.parquet prompt file"),
-    "--embeddings": (
-        "embeddings",
-        str,
-        "folder written by `wadi embed` (no text encoder in memory)",
-    ),
-    "--output-dir": ("output_dir", str, "where checkpoints and final/ go"),
-    "--max-steps": ("max_steps", int, "training iterations (paper: ~22k)"),
-    "--batch-size": ("batch_size", int, "prompts per process per step (paper: 16)"),
-    "--resolution": (
-        "resolution",
-        int,
-        "image side in pixels (default: the teacher's native size, e.g. SD1.5 512)",
-    ),
-    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
-    "--keep-checkpoints": ("keep_checkpoints", int, "how many checkpoints to keep"),
-    "--seed": ("seed", int, "random seed"),
-    "--adapter": ("adapter", str, "student adapter: lorad (paper), lora, dora or full"),
-    "--student-rank": ("student_rank", int, "student rank (default: preset, 256 U-Net / 128 DiT)"),
-    "--fake-rank": ("fake_rank", int, "fake-score LoRaD rank (default 32)"),
-    "--lr-student": ("lr_student", float, "student learning rate (1e-4)"),
-    "--lr-fake": ("lr_fake", float, "fake-score learning rate (1e-2)"),
-    "--fake-updates": (
-        "fake_updates",
-        int,
-        "fake-score updates per generator update (1, the paper)",
-    ),
-    "--guidance-scale": ("guidance_scale", float, "CFG scale of teacher and fake score (1.5)"),
-    "--alpha-bar-T": (
-        "alpha_bar_T",
-        float,
-        "abar at T for the generator (default: teacher's scheduler)",
-    ),
-    "--mixed-precision": (
-        "mixed_precision",
-        str,
-        "no, fp16 or bf16 (the frozen base is stored in it)",
-    ),
-    "--optimizer": ("optimizer", str, "adamw or adamw8bit (bitsandbytes)"),
-    "--device": ("device", str, "cpu, cuda or cuda:N (default: what the launcher gives)"),
-    "--ema-decay": ("ema_decay", float, "EMA of the student (off by default)"),
-    "--validate-every": ("validate_every", int, "steps between validation grids"),
-    "--log-every": ("log_every", int, "steps between TensorBoard points"),
+#: help text per DistillConfig field, used where the field has no ``metadata["help"]``
+HELP = {
+    "teacher": "teacher: a local diffusers pipeline folder",
+    "prompts": "prompt file: .txt, .jsonl, .csv or .parquet",
+    "prompt_column": "column of a .csv/.parquet prompt file",
+    "embeddings": "folder written by `wadi embed` (replaces prompts and the text encoder)",
+    "output_dir": "where checkpoints and final/ go (the run folder)",
+    "adapter": "student adapter: lorad (paper), lora, dora or full; the fake score is LoRaD",
+    "student_rank": "student rank (default: the preset's, 256 U-Net / 128 DiT)",
+    "fake_rank": "fake-score LoRaD rank (default: the preset's 32)",
+    "include_conv": "also adapt the Conv2d layers of the preset's blocks (beyond the paper)",
+    "full_scope": "with --adapter full: train the preset's layers (preset) or every parameter (all)",
+    "alpha_bar_T": "abar at T for the generator (default: the teacher's scheduler; paper 0.0047)",
+    "generator_timestep": "timestep the one-step generator is evaluated at",
+    "generator_timesteps": "the student's multi-step sampler timesteps, e.g. 999 749 499 249",
+    "guidance_scale": "CFG scale of teacher and fake score",
+    "generator_t_min": "smallest timestep of the generator loss",
+    "generator_t_max": "largest timestep of the generator loss",
+    "fake_t_min": "smallest timestep of the fake-score loss",
+    "fake_t_max": "largest timestep of the fake-score loss",
+    "null_prompt_prob": "share of null prompts in the fake-score update",
+    "fake_updates": "fake-score updates per generator update (the paper's 1)",
+    "objective": "generator objective: vsd (WaDi) or dmd",
+    "gan_weight": "weight of DMD2's GAN term (0: off; needs --real-images)",
+    "real_images": "folder of real PNG/JPEG images for the GAN term",
+    "resolution": "image side in pixels (default: the teacher's native size, e.g. SD1.5 512)",
+    "batch_size": "prompts per process per micro-batch (the paper's 16)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "max_steps": "training iterations (the paper's ~22k)",
+    "lr_student": "student learning rate",
+    "lr_fake": "fake-score learning rate",
+    "adam_betas": "AdamW betas",
+    "adam_eps": "AdamW epsilon",
+    "weight_decay": "AdamW weight decay",
+    "optimizer": "adamw or adamw8bit (bitsandbytes)",
+    "warmup_steps": "linear learning-rate warm-up steps, then constant",
+    "max_grad_norm": "gradient clipping norm",
+    "mixed_precision": "no, fp16 or bf16 (the frozen base is stored in it)",
+    "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
+    "compile": "torch.compile the shared denoiser",
+    "ema_decay": "EMA decay of the student (default: no EMA, as the paper)",
+    "export_ema": "with --ema-decay: final/pipeline holds the EMA weights",
+    "max_nonfinite_steps": "stop after this many non-finite steps in a row",
+    "seed": "random seed",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "log_every": "steps between TensorBoard points",
+    "validate_every": "steps between validation grids",
+    "validation_prompts": "a validation prompt (repeatable)",
+    "export_pipeline": "write final/pipeline, a stock diffusers pipeline (--no-export: skip)",
+    "progress": "progress bar, start summary and checkpoint lines (--no-progress: quiet)",
+    "device": "cpu, cuda or cuda:N (default: what the launcher gives)",
 }
+
+#: flag spellings that are not ``--field-name``
+SPELLINGS = {"validation_prompts": "--validation-prompt", "export_pipeline": "--export"}
+
+
+METAVARS = {
+    int: "N",
+    float: "X",
+    str: "NAME",
+    "teacher": "PATH",
+    "prompts": "FILE",
+    "embeddings": "DIR",
+    "output_dir": "DIR",
+    "real_images": "DIR",
+    "prompt_column": "COLUMN",
+}
+
+
+def _field_default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _add_config_flags(p) -> None:
+    """One flag per DistillConfig field: type, default and help come from the dataclass.
+
+    The argparse default is None (not given), so a ``--config`` file's value stands unless
+    a flag is passed; the dataclass default is shown in the help.
+    """
+    from .config import DistillConfig
+
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        flag = SPELLINGS.get(f.name, "--" + f.name.replace("_", "-"))
+        default = _field_default(f)
+        text = f.metadata.get("help") or HELP.get(f.name, "")
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        inner = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind
+        options: dict = {"dest": f.name, "default": None}
+        if inner is bool:
+            options["action"] = argparse.BooleanOptionalAction
+            shown = "on" if default else "off"
+        elif typing.get_origin(inner) is tuple:
+            item = typing.get_args(inner)[0]
+            options.update(nargs=len(typing.get_args(inner)), type=item, metavar="X")
+            shown = " ".join(str(v) for v in default)
+        elif typing.get_origin(inner) is list:
+            item = typing.get_args(inner)[0]
+            if f.name == "validation_prompts":
+                options.update(action="append", type=item, metavar="PROMPT")
+            else:
+                options.update(nargs="+", type=item, metavar="N")
+            shown = " ".join(str(v) for v in default) if default else None
+        else:
+            options["type"] = inner if inner in (int, float, str) else str
+            options["metavar"] = METAVARS.get(f.name) or METAVARS.get(options["type"])
+            shown = default if default not in (None, "") else None
+        if shown is not None:
+            text = f"{text} (default: {shown})"
+        p.add_argument(flag, help=text.replace("%", "%%"), **options)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "distill",
         help="distill a multi-step teacher into a one-step generator (WaDi)",
-        description="VSD with a LoRaD student and a LoRaD fake score on one shared frozen base.",
+        description="VSD with a LoRaD student and a LoRaD fake score on one shared frozen base. "
+        "Every knob of DistillConfig is a flag; flags override --config.",
     )
     p.add_argument("--config", help="YAML file of DistillConfig knobs; flags override it")
-    for flag, (key, typ, text) in FLAGS.items():
-        p.add_argument(flag, dest=key, type=typ, default=None, help=text)
-    p.add_argument(
-        "--validation-prompt", dest="validation_prompts", action="append", help="repeatable"
-    )
-    p.add_argument(
-        "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
-    )
-    p.add_argument("--no-export", dest="export_pipeline", action="store_false", default=None)
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="no progress bar, start summary or checkpoint lines (warnings still show)",
-    )
-    p.add_argument(
-        "--full-scope",
-        dest="full_scope",
-        choices=("preset", "all"),
-        default=None,
-        help="with --adapter full: train the preset's layers (default) or every parameter",
-    )
-    p.add_argument(
-        "--include-conv",
-        dest="include_conv",
-        action="store_true",
-        default=None,
-        help="also adapt Conv2d layers of the preset's blocks (beyond the paper)",
-    )
+    _add_config_flags(p)
     p.add_argument(
         "--resume",
         help="'latest' (the newest complete checkpoint), step-N or a checkpoint folder; without "
@@ -122,15 +167,7 @@ def resolve_config(args):
         )
     else:
         base = DistillConfig().to_dict()
-    keys = [key for key, _, _ in FLAGS.values()] + [
-        "validation_prompts",
-        "gradient_checkpointing",
-        "export_pipeline",
-        "include_conv",
-        "progress",
-        "full_scope",
-    ]
-    for key in keys:
+    for key in (f.name for f in dataclasses.fields(DistillConfig)):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
