@@ -240,6 +240,98 @@ def make_tiny_sd(
     return directory
 
 
+def tiny_sdxl_unet(
+    sample_size: int = 8,
+    cross_attention_dim: int = 40,
+    pooled_dim: int = 12,
+    time_embed_dim: int = 8,
+    seed: int = 0,
+):
+    """A two-level SDXL-style ``UNet2DConditionModel``: ``text_time`` added conditioning.
+
+    Its added embedding takes the pooled text (``pooled_dim``) and six time ids of
+    ``time_embed_dim`` each, as SDXL's (1280 + 6 x 256 = 2816); the first level has no
+    attention and the second two transformer layers, like SDXL's (1, 2, 10) layout.
+    """
+    from diffusers import UNet2DConditionModel
+
+    _seeded(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    ).eval()
+
+
+def make_tiny_sdxl(
+    directory: str | Path,
+    prediction_type: str = "epsilon",
+    sample_size: int = 8,
+    scheduler: str = "EulerDiscreteScheduler",
+    force_zeros_for_empty_prompt: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A tiny ``StableDiffusionXLPipeline`` folder (random weights, SDXL's layout and schedule).
+
+    Two CLIP text encoders as SDXL's: ``text_encoder`` (CLIPTextModel, 16 wide) and
+    ``text_encoder_2`` (CLIPTextModelWithProjection, 24 wide, pooled projection 12);
+    the U-Net attends to both penultimate layers joined (16 + 24 = 40).  Like the real
+    ``tokenizer_2``, the second tokenizer pads with ``"!"``.  The VAE has SDXL's
+    ``scaling_factor`` 0.13025 and ``force_upcast``.
+    """
+    import tempfile
+
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_encoder, tokenizer = tiny_clip(Path(tmp) / "one", hidden_size=16, seed=seed)
+        tokenizer_2 = build_clip_tokenizer(Path(tmp) / "two", TINY_WORDS, max_length=16)
+        tokenizer_2.pad_token = "!"
+    _seeded(seed + 3)
+    config_2 = CLIPTextConfig(
+        vocab_size=len(tokenizer_2),
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=12,
+        bos_token_id=tokenizer_2.bos_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        pad_token_id=tokenizer_2.pad_token_id,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()
+    vae = tiny_vae(seed=seed + 1)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(sample_size=sample_size, seed=seed + 2),
+        scheduler=_scheduler(scheduler, SD_SCHEDULE, prediction_type),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
 def make_tiny_pixart(
     directory: str | Path, sample_size: int = 8, scheduler: str = "DDPMScheduler", seed: int = 0
 ) -> Path:

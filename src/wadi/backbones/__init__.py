@@ -16,6 +16,7 @@ _EXPORTS = {
     "registered_backbones": "registry",
     "SDUNetBackbone": "sd",
     "PixArtBackbone": "pixart",
+    "SDXLBackbone": "sdxl",
     "alpha_bar_from_scheduler": "onestep",
     "one_step": "onestep",
     "x0_from_eps": "onestep",

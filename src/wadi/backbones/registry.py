@@ -47,8 +47,9 @@ def builtin_backbones() -> list[type[Backbone]]:
     """wadi's own architectures, most specific first (imported on first use)."""
     from .pixart import PixArtBackbone
     from .sd import SDUNetBackbone
+    from .sdxl import SDXLBackbone
 
-    return [SDUNetBackbone, PixArtBackbone]
+    return [SDUNetBackbone, SDXLBackbone, PixArtBackbone]
 
 
 def registered_backbones() -> list[type[Backbone]]:

@@ -4,6 +4,8 @@
 |-------------------|------|---------------------------------------------------------------|
 | sd-unet-student   | 256  | every nn.Linear under down_blocks, mid_block, up_blocks       |
 | sd-unet-fake      | 32   | the same minus proj_in, proj_out, time_emb_proj               |
+| sdxl-unet-student | 256  | every nn.Linear under down_blocks, mid_block, up_blocks       |
+| sdxl-unet-fake    | 32   | the same minus proj_in, proj_out, time_emb_proj               |
 | pixart-student    | 128  | every nn.Linear except those under adaln_single               |
 | pixart-fake       | 32   | every nn.Linear under transformer_blocks                      |
 """
@@ -19,6 +21,13 @@ _UNET_BLOCKS = r"(down_blocks|mid_block|up_blocks)\..+"
 PRESETS: dict[str, LoRaDConfig] = {
     "sd-unet-student": LoRaDConfig(rank=256, target_modules=_UNET_BLOCKS),
     "sd-unet-fake": LoRaDConfig(
+        rank=32,
+        target_modules=_UNET_BLOCKS,
+        exclude_modules=["proj_in", "proj_out", "time_emb_proj"],
+    ),
+    # SDXL: the SD1.5 choice on SDXL's U-Net (its add_embedding stays frozen, as time_embedding)
+    "sdxl-unet-student": LoRaDConfig(rank=256, target_modules=_UNET_BLOCKS),
+    "sdxl-unet-fake": LoRaDConfig(
         rank=32,
         target_modules=_UNET_BLOCKS,
         exclude_modules=["proj_in", "proj_out", "time_emb_proj"],
