@@ -264,10 +264,10 @@ def test_full_disk_while_checkpointing_is_one_line_and_leaves_nothing_partial(
 def test_interrupt_prints_the_resume_command_that_works(
     teachers, prompts, tmp_path, monkeypatch, capsys
 ):
-    from wadi.distill import loop
+    from wadi.distill.iteration import WaDiIteration
 
     out = tmp_path / "run"
-    real = loop.vsd_iteration
+    real = WaDiIteration.__call__
     calls = {"n": 0}
 
     def interrupted_at_third(*args):
@@ -276,7 +276,7 @@ def test_interrupt_prints_the_resume_command_that_works(
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(loop, "vsd_iteration", interrupted_at_third)
+    monkeypatch.setattr(WaDiIteration, "__call__", interrupted_at_third)
     tiny_config(teachers["sd-eps"], prompts, out, **KNOBS).save(tmp_path / "c.yaml")
     assert main(["distill", "--config", str(tmp_path / "c.yaml")]) == 130
     err = capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_bf16_mixed_precision_trains_with_float32_angles(teachers, prompts, tmp_
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(teachers, prompts, tmp_path, monkeypatch):
-    import wadi.distill.loop as t
+    import wadi.distill.objectives.base as t
 
     real = t.fake_score_loss
     calls = {"n": 0}
@@ -127,16 +127,16 @@ def test_final_pipeline_holds_the_ema_weights(teachers, prompts, tmp_path):
 def test_fake_updates_step_the_fake_score_k_times_per_iteration(
     teachers, prompts, tmp_path, monkeypatch
 ):
-    from wadi.distill import loop
+    from wadi.distill.optim import OptimizerStep
 
     calls = []
-    real_run = loop.Update.run
+    real_step = OptimizerStep.step
 
-    def counting_run(self, *args, **kwargs):
+    def counting_step(self, *args, **kwargs):
         calls.append(self.name)
-        return real_run(self, *args, **kwargs)
+        return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Update, "run", counting_run)
+    monkeypatch.setattr(OptimizerStep, "step", counting_step)
     knobs = dict(max_steps=2, export_pipeline=False)
     one = train(tiny_config(teachers["sd-eps"], prompts, tmp_path / "one", **knobs))
     assert calls == ["student", "fake"] * 2

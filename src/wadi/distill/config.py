@@ -20,6 +20,7 @@ ADAPTERS = ("lorad", "lora", "dora", "full")
 FULL_SCOPES = ("preset", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+OBJECTIVES = ("vsd", "dmd")
 
 #: keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = frozenset(
@@ -44,7 +45,7 @@ NOT_RECIPE = frozenset({"output_dir"})
 RESOLVED_AT_LOAD = frozenset({"resolution"})
 
 #: keys holding file system paths: written absolute, so a run resumes from any folder
-PATH_KEYS = ("teacher", "prompts", "embeddings")
+PATH_KEYS = ("teacher", "prompts", "embeddings", "real_images")
 
 
 @dataclass
@@ -78,6 +79,9 @@ class DistillConfig:
         None  # None: read from the teacher's scheduler; paper constant 0.0047
     )
     generator_timestep: int = 999
+    # the student's sampler (wadi.generators): None is one step at generator_timestep (the
+    # paper); DMD2's 4-step students use [999, 749, 499, 249], trained by backward simulation
+    generator_timesteps: list[int] | None = None
 
     # VSD (method.md section 4)
     guidance_scale: float = 1.5  # the same for teacher and fake score
@@ -89,10 +93,19 @@ class DistillConfig:
     # fake-score updates per generator update (1 in the paper; DMD2's two time-scale rule uses
     # more so the fake score tracks the moving student). Extra ones draw fresh student samples.
     fake_updates: int = 1
+    # objective (wadi.distill.objectives): vsd (WaDi, SwiftBrush weighting) or dmd (DMD's
+    # per-sample normalisation by mean |x0 - x0_real|)
+    objective: str = "vsd"
+    # DMD2's GAN term: a classifier head on the fake score's bottleneck features, trained on
+    # real images (real_images: a folder of PNG/JPEG); 0 is off
+    gan_weight: float = 0.0
+    real_images: str | None = None
 
     # optimisation
     resolution: int | None = None  # None: the teacher's native size (sample_size x VAE factor)
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process and micro-batch
+    # micro-batches accumulated per optimizer step: global batch = batch_size x this x processes
+    gradient_accumulation_steps: int = 1
     max_steps: int = 22000
     lr_student: float = 1e-4
     lr_fake: float = 1e-2
@@ -104,6 +117,8 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16; the frozen base is stored in this dtype
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the denoiser (student, fake and teacher share it)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager needs no compiler)
     ema_decay: float | None = None  # None: no EMA (the paper uses none)
     export_ema: bool = True  # with ema_decay: final/pipeline holds the EMA weights
     max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
@@ -190,6 +205,32 @@ class DistillConfig:
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.generator_timestep <= 999, "generator_timestep must be in 0..999"),
+            (
+                self.gradient_accumulation_steps >= 1,
+                f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}",
+            ),
+            (
+                self.objective in OBJECTIVES,
+                f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
+            ),
+            (self.gan_weight >= 0, f"gan_weight must be >= 0, got {self.gan_weight}"),
+            (
+                not self.gan_weight or bool(self.real_images),
+                "gan_weight > 0 needs real images: pass --real-images DIR (a folder of PNG/JPEG)",
+            ),
+            (
+                self.generator_timesteps is None
+                or (
+                    len(self.generator_timesteps) >= 1
+                    and all(0 <= t <= 999 for t in self.generator_timesteps)
+                    and all(
+                        a > b
+                        for a, b in zip(self.generator_timesteps, self.generator_timesteps[1:])
+                    )
+                ),
+                "generator_timesteps must be a strictly decreasing list in 0..999 (e.g. "
+                f"999,749,499,249), got {self.generator_timesteps}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -212,6 +253,16 @@ class DistillConfig:
                 problems.append(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The generator's timesteps: ``generator_timesteps`` or ``[generator_timestep]``."""
+        return list(self.generator_timesteps or [self.generator_timestep])
+
+    @property
+    def global_batch(self) -> int:
+        """Prompts per process per optimizer step (times the process count for the global one)."""
+        return self.batch_size * self.gradient_accumulation_steps
 
     def check_inputs(self) -> None:
         """Errors for a run that cannot start (missing teacher or prompts)."""

@@ -21,8 +21,8 @@ def export_checkpoint(
 ) -> Path:
     """Rebuild the run's student from ``checkpoint_dir``, merge it, write a pipeline folder.
 
-    Works for every adapter kind (LoRaD, PEFT LoRA/DoRA, full); the teacher and
-    ``alpha_bar_T`` come from the checkpoint's ``config.yaml``.  ``out`` may not be,
+    Works for every adapter kind (LoRaD, PEFT LoRA/DoRA, full); the teacher, the
+    generator's timesteps and ``alpha_bar_T`` come from the checkpoint's ``config.yaml``.  ``out`` may not be,
     contain or lie inside the checkpoint, the run's other checkpoints or the teacher.
     """
     from wadi.backbones import load_backbone
@@ -66,12 +66,12 @@ def export_checkpoint(
     if set(state) != set(expected):
         raise ValueError(f"{source} does not fit the {config.adapter} student of {config.teacher}")
     merged = roles.merged_student(state)
-    from wadi.backbones import alpha_bar_from_scheduler
+    from wadi.backbones.export import save_pipeline
+    from wadi.generators import make_generator
 
-    alpha_bar_T = config.alpha_bar_T or alpha_bar_from_scheduler(
-        backbone.scheduler, config.generator_timestep
-    )
-    return backbone.save_pipeline(merged, out, alpha_bar_T, dtype=parse_dtype(dtype))
+    # the generator the run trained: its timesteps (and abar_T) decide the scheduler
+    generator = make_generator(config.timesteps, config.alpha_bar_T)
+    return save_pipeline(backbone, merged, out, generator=generator, dtype=parse_dtype(dtype))
 
 
 def _run_inputs(checkpoint_dir: Path) -> list[Path]:

@@ -30,7 +30,9 @@ def share_warning(config, counts: dict[str, int]) -> str | None:
     )
 
 
-def summary(config, backbone, counts, *, device, dtype, world, step, resume_from) -> str:
+def summary(
+    config, backbone, counts, *, device, dtype, world, step, resume_from, generator=None
+) -> str:
     """The start-of-run block: device, dtype, teacher, sizes, trainable shares, steps, folder."""
     base = counts["base"]
 
@@ -44,11 +46,25 @@ def summary(config, backbone, counts, *, device, dtype, world, step, resume_from
         ("device", f"{device} ({world} process{'es' if world > 1 else ''}), dtype {dtype}"),
         ("teacher", f"{config.teacher} ({type(backbone).__name__})"),
         ("resolution", f"{config.resolution} px (latent {latent}x{latent})"),
-        ("batch", f"{config.batch_size} per process, {config.batch_size * world} in all"),
+        ("batch", _batch(config, world)),
         ("student", f"{student}: {share(counts['student'])} trainable"),
         ("fake score", f"lorad: {share(counts['fake'])} trainable"),
         ("steps", f"{step} -> {config.max_steps} ({start})"),
+        ("generator", _generator(config, generator)),
         ("output", str(Path(config.output_dir))),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"wadi distill: {k:<{width}}  {v}" for k, v in rows)
+
+
+def _batch(config, world: int) -> str:
+    k = config.gradient_accumulation_steps
+    per_process = config.batch_size * k
+    accumulated = f" ({config.batch_size} x {k} accumulated)" if k > 1 else ""
+    return f"{per_process} per process{accumulated}, {per_process * world} in all"
+
+
+def _generator(config, generator) -> str:
+    steps = config.timesteps
+    kind = "one step" if len(steps) == 1 else f"{len(steps)} steps"
+    return f"{kind} at t = {', '.join(map(str, steps))}, objective {config.objective}"
