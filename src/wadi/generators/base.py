@@ -127,16 +127,39 @@ class Generator:
             return 0
         return int(torch.randint(0, self.num_steps, (1,), generator=generator, device=device))
 
+    def train_noises(self, step: int, z: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """The re-noising draws :meth:`train_sample` needs to reach ``step`` (none for step 0).
+
+        Drawn for the whole batch up front, so a batch split into micro-batches
+        (gradient accumulation) sees exactly the noise of the unsplit batch.
+        """
+        return [
+            torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            for _ in range(step)
+        ]
+
     def train_sample(
-        self, backbone, z: Tensor, cond, step: int, generator: torch.Generator
+        self,
+        backbone,
+        z: Tensor,
+        cond,
+        step: int,
+        generator: torch.Generator | None = None,
+        noises: list[Tensor] | None = None,
     ) -> Tensor:
         """x0 at ``timesteps[step]`` with gradient: the student's own first ``step`` steps
-        run without gradient (DMD2's backward simulation), then one step with it."""
+        run without gradient (DMD2's backward simulation), then one step with it.
+
+        The re-noising draws come from ``noises`` (see :meth:`train_noises`) or
+        ``generator``."""
         param = self.parametrization(backbone)
         x = z
         if step:
+            if noises is None:
+                noises = self.train_noises(step, z, generator)
             with torch.no_grad():
                 for i in range(step):
                     x0 = self._x0(backbone, param, x, self.timesteps[i], cond)
-                    x = self._renoise(param, x0, self.timesteps[i + 1], generator, z.dtype)
+                    ts = torch.full((z.shape[0],), self.timesteps[i + 1], device=z.device)
+                    x = param.add_noise(x0.to(z.dtype), noises[i], ts)
         return self._x0(backbone, param, x, self.timesteps[step], cond)
