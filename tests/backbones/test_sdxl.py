@@ -260,9 +260,20 @@ def test_missing_text_encoder_2_is_one_line(sdxl_dirs, tmp_path):
     shutil.copytree(sdxl_dirs["eps"], broken, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(ValueError, match=r"text_encoder_2/config\.json missing") as err:
         load_backbone(broken)
-    assert "\n" not in str(err.value) and "load_text_encoder=False" in str(err.value)
+    assert "\n" not in str(err.value) and "StableDiffusionXLPipeline folder" in str(err.value)
     b = load_backbone(broken, load_text_encoder=False)  # precomputed embeddings need none
     assert b.text_encoder is None and b.text_encoder_2 is None
+    with pytest.raises(ValueError, match=r"text_encoder_2/config\.json missing"):
+        save_pipeline(b, b.denoiser, tmp_path / "export")  # export needs them: same line
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_without_text_encoders_in_memory_reads_both_from_the_teacher(sdxl_dirs, tmp_path):
+    b = load_backbone(sdxl_dirs["eps"], load_text_encoder=False)
+    out = save_pipeline(b, b.denoiser, tmp_path / "pipe")
+    pipe = _stock(out)
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_fp16_vae_with_force_upcast_decodes_in_fp32(sdxl_dirs):

@@ -114,13 +114,18 @@ class SDXLBackbone(Backbone):
         import transformers
 
         path = Path(path)
-        needed = ["text_encoder/config.json", "tokenizer/", "text_encoder_2/config.json"]
-        missing = [n for n in needed + ["tokenizer_2/"] if not (path / n).exists()]
+        needed = [
+            "text_encoder/config.json",
+            "tokenizer",
+            "text_encoder_2/config.json",
+            "tokenizer_2",
+        ]
+        missing = [n for n in needed if not (path / n).exists()]
         if missing:
             raise ValueError(
-                f"SDXL teacher {path} is incomplete: {', '.join(missing)} missing (SDXL needs "
-                "text_encoder/, tokenizer/, text_encoder_2/ and tokenizer_2/); load with "
-                "load_text_encoder=False to train from precomputed embeddings"
+                f"SDXL teacher {path} is incomplete: {', '.join(missing)} missing; SDXL needs "
+                "both text encoders and tokenizers (give the whole StableDiffusionXLPipeline "
+                "folder)"
             )
         parts = []
         for folder, default in (
@@ -134,7 +139,7 @@ class SDXLBackbone(Backbone):
             encoder = encoder_cls.from_pretrained(path / folder, dtype=dtype).to(device)
             tokenizer_folder = path / folder.replace("text_encoder", "tokenizer")
             parts += [encoder, transformers.AutoTokenizer.from_pretrained(tokenizer_folder)]
-        return parts[0], parts[1], parts[2], parts[3]
+        return tuple(parts)
 
     def _load_text_parts(self):
         """All four text parts, from memory or (export without text encoders) from ``path``."""
