@@ -258,3 +258,29 @@ def test_discriminator_loss_trains_head_not_generator(sd):
         ValueError, match="1 real and 1 fake conditions for batches of 1 real and 3"
     ):
         term.discriminator_loss(sd, x_real, x_fake, 0, cond_real, contextlib.nullcontext)
+
+
+def test_generator_gradient_same_with_activation_checkpointing(teachers):
+    """The hook stops the forward once; checkpoint recomputation in backward only records."""
+    from wadi.distill.roles import Roles
+
+    backbone = load_backbone(teachers["pixart"])  # DiT blocks are checkpointed with hooks
+    roles = Roles(backbone, fake_rank=2)
+    with torch.no_grad():
+        for p in roles.fake_parameters():
+            p.normal_(0, 0.1)
+    torch.manual_seed(0)
+    term = GANTerm.for_backbone(backbone, weight=1.0)
+    x, cond = noisy_batch(backbone, 2, seed=4)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            roles.enable_gradient_checkpointing()
+        roles.train()
+        x_t = x.clone().requires_grad_(True)
+        with roles.fake():  # backward in the role of its forward, as the loop does
+            term.generator_loss(backbone, x_t, 500, cond, roles.fake).backward()
+        grads.append(x_t.grad)
+    assert backbone.denoiser.is_gradient_checkpointing
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-9)
