@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from wadi.lorad import rotate_pairs, rotate_pairs_grad_theta
-from wadi.lorad.functional import LoRaDConv2dFunction, LoRaDLinearFunction
+from wadi.lorad.functional import LoRaDConv2dFunction, LoRaDLinearFunction, rotated_weight
 
 from .reference import rotate_reference
 
@@ -94,3 +94,85 @@ def test_conv_function_gradcheck_grouped_nonsquare():
         return LoRaDConv2dFunction.apply(x, w, b, a, bb, torch.float64, (2, 1), (1, 0), (1, 2), 2)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, lorad_A, lorad_B))
+
+
+def test_rotate_pairs_odd_storage_offset_and_strided_weight():
+    base = torch.randn(6, 11, dtype=torch.float64)
+    theta = torch.randn(6, 5, dtype=torch.float64)
+    for weight in (base[:, 1:], base.view(-1)[1:61].view(6, 10), base.T.contiguous().T[:, :10]):
+        expected = rotate_reference(weight.numpy(), theta.numpy())
+        np.testing.assert_allclose(rotate_pairs(weight, theta).numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 9), (6, 8), (4, 6, 3, 1)])
+def test_grad_theta_matches_float64_autograd(dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    fan_in = int(np.prod(shape[1:]))
+    theta = torch.randn(shape[0], fan_in // 2, generator=g, dtype=torch.float64)
+    upstream = torch.randn(shape, generator=g, dtype=torch.float64)
+    theta.requires_grad_(True)
+    rotated = rotate_pairs(weight, theta)
+    (rotated * upstream).sum().backward()
+    manual = rotate_pairs_grad_theta(rotated.detach().to(dtype), upstream.to(dtype))
+    assert manual.dtype == torch.float32 and manual.is_contiguous()
+    scale = float(upstream.abs().max() * weight.abs().max())
+    torch.testing.assert_close(manual.double(), theta.grad, rtol=0, atol=TOL[dtype] * scale * 8)
+
+
+def test_rotated_weight_casts_once_to_the_matmul_dtype():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 12, generator=g).to(torch.bfloat16)
+    lorad_A, lorad_B = torch.randn(8, 2, generator=g), torch.randn(2, 6, generator=g)
+    out = rotated_weight(weight, lorad_A, lorad_B, torch.float32)
+    assert out.dtype == torch.float32
+    expected = rotate_reference(weight.double().numpy(), (lorad_A @ lorad_B).double().numpy())
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=1e-5, rtol=0)
+
+
+def test_rotate_pairs_keeps_autograd_through_theta_and_weight():
+    weight = _f64(4, 6)
+    theta = _f64(4, 3)
+    assert torch.autograd.gradcheck(rotate_pairs, (weight, theta))
+
+
+def test_linear_function_gradcheck_keep_rotated():
+    x = _f64(2, 3, 7)
+    weight = _f64(5, 7)
+    bias = _f64(5)
+    lorad_A, lorad_B = _f64(5, 2), _f64(2, 3)
+    fn = lambda *a: LoRaDLinearFunction.apply(*a, torch.float64, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, lorad_A, lorad_B))
+
+
+def test_conv_function_gradcheck_keep_rotated():
+    x = _f64(2, 4, 5, 6)
+    weight = _f64(6, 2, 3, 2)
+    bias = _f64(6)
+    lorad_A, lorad_B = _f64(6, 2), _f64(2, 6)
+
+    def fn(x, w, b, a, bb):
+        args = (torch.float64, (2, 1), (1, 0), (1, 2), 2, True)
+        return LoRaDConv2dFunction.apply(x, w, b, a, bb, *args)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, lorad_A, lorad_B))
+
+
+@pytest.mark.parametrize(
+    "requires", [(True, False, False, True, True), (False, True, True, False, True)]
+)
+def test_keep_rotated_gives_the_same_gradients_bitwise(requires):
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 10), (6, 10), (6,), (6, 4), (4, 5)]
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    grads = []
+    for keep in (False, True):
+        inputs = [t.clone().requires_grad_(r) for t, r in zip(tensors, requires)]
+        y = LoRaDLinearFunction.apply(*inputs, torch.float32, keep)
+        y.square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
