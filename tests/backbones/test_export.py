@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from wadi import lorad
 from wadi.backbones import alpha_bar_from_scheduler, load_backbone, one_step, one_step_scheduler
-from wadi.backbones.export import export_student
+from wadi.backbones.export import export_student, save_pipeline
 from wadi.testing import attach_random_adapter
 
 PROMPTS = ["a photo of a cat", "red car"]
@@ -69,7 +69,7 @@ def test_stock_pipeline_equals_one_step(
     teacher_dirs, tmp_path, name, pipeline_cls, alpha_bar_T, output_type
 ):
     ref, merged, backbone = _student_and_reference(teacher_dirs[name], alpha_bar_T, output_type)
-    out = backbone.save_pipeline(merged, tmp_path / "pipe", alpha_bar_T=alpha_bar_T)
+    out = save_pipeline(backbone, merged, tmp_path / "pipe", alpha_bar_T=alpha_bar_T)
     assert not list(tmp_path.glob(".pipe.*")), "temporary folder left behind"
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == pipeline_cls.__name__
@@ -86,7 +86,7 @@ def test_stock_pipeline_equals_one_step(
 def test_pixart_with_resolution_conditioning_exports_exactly(pixart_1024_dir, tmp_path):
     ref, merged, backbone = _student_and_reference(pixart_1024_dir, size=8)
     assert backbone.denoiser.use_additional_conditions
-    out = backbone.save_pipeline(merged, tmp_path / "pipe")
+    out = save_pipeline(backbone, merged, tmp_path / "pipe")
     pipe = PixArtAlphaPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(10 + i) for i in range(len(PROMPTS))]
@@ -117,7 +117,7 @@ def test_save_pipeline_refuses_unmerged_adapters_and_keeps_old_folder(teacher_di
     old.mkdir()
     (old / "keep.txt").write_text("old")
     with pytest.raises(ValueError, match="merge_and_unload"):
-        b.save_pipeline(b.denoiser, old)
+        save_pipeline(b, b.denoiser, old)
     assert (old / "keep.txt").read_text() == "old"
 
 
@@ -128,7 +128,7 @@ def test_save_pipeline_fp16_and_pixel_space(pixel_dir, tmp_path):
     with torch.no_grad():
         ref = one_step(b, z, b.encode_prompts(PROMPTS), alpha_bar_from_scheduler(b.scheduler))
     merged = lorad.merge_and_unload(b.denoiser, "student")
-    out = b.save_pipeline(merged, tmp_path / "pixel", dtype="fp16")
+    out = save_pipeline(b, merged, tmp_path / "pixel", dtype="fp16")
     assert not (out / "vae").exists()
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
@@ -163,7 +163,7 @@ def test_save_pipeline_from_a_backbone_without_text_encoder(teacher_dirs, tmp_pa
     ref, _, _ = _student_and_reference(teacher_dirs["pixart"])
     b = load_backbone(teacher_dirs["pixart"], load_text_encoder=False)
     attach_random_adapter(b.denoiser, b.student_preset, rank=2, seed=3)  # same angles as ref
-    out = b.save_pipeline(lorad.merge_and_unload(b.denoiser, "student"), tmp_path / "pipe")
+    out = save_pipeline(b, lorad.merge_and_unload(b.denoiser, "student"), tmp_path / "pipe")
     assert b.text_encoder is None  # nothing kept in memory
     got, _ = _run_stock(PixArtAlphaPipeline, out)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -186,7 +186,7 @@ def test_save_pipeline_full_disk_is_one_line_and_keeps_the_old_folder(
 
     monkeypatch.setattr(export, "_cast_safetensors", full_disk)
     with pytest.raises(ValueError, match=f"cannot write {old}: No space left on device"):
-        b.save_pipeline(b.denoiser, old, dtype="fp16")
+        save_pipeline(b, b.denoiser, old, dtype="fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
     assert [p.name for p in old.iterdir()] == ["keep.txt"]
 

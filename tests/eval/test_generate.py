@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wadi.backbones.export import save_pipeline
 from wadi.eval.generate import SIDECAR, generate_images, image_name, load_pipeline, to_uint8
 from wadi.eval.protocol import get_protocol, load_captions
 
@@ -172,7 +173,7 @@ def test_exported_one_step_student_images_equal_the_one_step_generator(tiny_sd, 
 
     backbones = pytest.importorskip("wadi.backbones")
     backbone = backbones.load_backbone(tiny_sd)
-    exported = backbone.save_pipeline(backbone.denoiser, tmp_path / "student")
+    exported = save_pipeline(backbone, backbone.denoiser, tmp_path / "student")
     out = tmp_path / "images"
     generate_images(exported, captions, out, steps=1, guidance=0.0, resolution=16, seed=11,
                     batch_size=5, dtype="float32")  # fmt: skip
@@ -204,7 +205,7 @@ def digits_export(digits_teacher, tmp_path_factory):
     from wadi.backbones import load_backbone
 
     backbone = load_backbone(digits_teacher)
-    return backbone.save_pipeline(backbone.denoiser, tmp_path_factory.mktemp("toy") / "student")
+    return save_pipeline(backbone, backbone.denoiser, tmp_path_factory.mktemp("toy") / "student")
 
 
 def _raw_parts(folder):

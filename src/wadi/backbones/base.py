@@ -9,7 +9,6 @@ the teacher is the same module with adapters disabled.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -251,20 +250,7 @@ class Backbone:
             images = vae.decode(scaled, return_dict=False)[0]
         return images.clamp(-1, 1)
 
-    # ---- export ----
-    def save_pipeline(
-        self,
-        denoiser: nn.Module,
-        directory: str | os.PathLike,
-        alpha_bar_T: float | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-    ) -> Path:
-        """Write a stock diffusers pipeline folder holding ``denoiser`` and a 1-step DDIM scheduler."""
-        from .export import save_pipeline
-
-        return save_pipeline(self, denoiser, directory, alpha_bar_T, dtype=dtype)
-
+    # ---- export (wadi.backbones.export.save_pipeline calls these) ----
     def _pipeline_components(self, denoiser: nn.Module, scheduler) -> tuple[type | None, dict]:
         """``(pipeline class or None for pixel space, components)`` for export."""
         raise NotImplementedError
