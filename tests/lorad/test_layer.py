@@ -208,3 +208,194 @@ def test_linear_matches_functional_linear_for_bias_free():
     _randomize(layer)
     x = torch.randn(3, 6)
     torch.testing.assert_close(layer(x), F.linear(x, layer.merged_weight("default")))
+
+
+# -- keep_angles --------------------------------------------------------------------------
+
+
+def _saved_shapes(layer, x):
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sorted(saved)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_keep_angles_keeps_the_rotated_weight_and_gives_the_same_gradients(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(12, 8), torch.randn(5, 12, requires_grad=True)
+        layer = LoRaDLinear(base)
+    else:
+        base, x = nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5, requires_grad=True)
+        layer = LoRaDConv2d(base)
+    base.requires_grad_(False)
+    layer.add_adapter("default", 3)
+    layer.active_adapter = "default"
+    _randomize(layer, scale=0.4)
+    plain = _saved_shapes(layer, x)
+    grads = []
+    for keep in (False, True):
+        layer.keep_angles = keep
+        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, retain_graph=False)
+        layer(x).square().sum().backward()
+        grads.append([gx] + [p.grad.clone() for p in layer.parameters() if p.requires_grad])
+        layer.zero_grad()
+    assert _saved_shapes(layer, x) == sorted(plain + [tuple(base.weight.shape)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_set_keep_angles_reaches_every_layer():
+    from wadi.lorad.layer import set_keep_angles
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    attach(model, LoRaDConfig(rank=2))
+    set_keep_angles(model)
+    assert model[0].keep_angles and model[1].keep_angles
+    set_keep_angles(model, False)
+    assert not model[0].keep_angles
+
+
+# -- the no-grad rotation cache -----------------------------------------------------------
+
+
+@pytest.fixture
+def rotation_calls(monkeypatch):
+    """Count the rotations computed anywhere (forward, backward, cache)."""
+    import wadi.lorad.functional as lf
+
+    calls = []
+    original = lf.rotated_weight
+
+    def counting(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(lf, "rotated_weight", counting)
+    return calls
+
+
+def _cached_layer(kind="linear"):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8) if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1)
+    base.requires_grad_(False)
+    layer = LoRaDLinear(base) if kind == "linear" else LoRaDConv2d(base)
+    layer.add_adapter("default", 3)
+    layer.active_adapter = "default"
+    _randomize(layer, scale=0.4)
+    x = torch.randn(5, 12) if kind == "linear" else torch.randn(2, 4, 5, 5)
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cache_rotates_once_for_two_no_grad_forwards(rotation_calls, kind):
+    layer, x = _cached_layer(kind)
+    with torch.no_grad():
+        uncached = layer(x)
+        layer(x)
+    assert len(rotation_calls) == 2  # off by default: every forward rotates
+    layer.cache_rotation = True
+    with torch.no_grad():
+        first = layer(x)
+        second = layer(x)
+    assert len(rotation_calls) == 3
+    assert torch.equal(first, uncached) and torch.equal(second, uncached)
+    # a forward that needs gradients never reads the cache
+    out = layer(x)
+    out.sum().backward()
+    assert len(rotation_calls) == 5  # forward + recomputed in backward
+    assert torch.equal(out.detach(), uncached)
+
+
+def test_cache_sees_the_new_weights_after_an_optimizer_step(rotation_calls):
+    layer, x = _cached_layer()
+    layer.cache_rotation = True
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.5)
+    with torch.no_grad():
+        before = layer(x)
+    layer(x).square().sum().backward()
+    opt.step()
+    calls = len(rotation_calls)
+    with torch.no_grad():
+        after = layer(x)
+        layer(x)
+    assert len(rotation_calls) == calls + 1  # recomputed once for the new weights
+    assert not torch.allclose(after, before)
+    layer.cache_rotation = False
+    with torch.no_grad():
+        assert torch.equal(after, layer(x))
+
+
+def test_cache_is_invalidated_by_merge_unmerge_load_and_dtype(rotation_calls):
+    layer, x = _cached_layer()
+    layer.cache_rotation = True
+    with torch.no_grad():
+        adapted = layer(x)
+        layer.merge("default")
+        assert layer._rotation_cache is None
+        torch.testing.assert_close(layer(x), adapted)  # the merged base layer
+        layer.unmerge("default")
+        calls = len(rotation_calls)
+        torch.testing.assert_close(layer(x), adapted)
+        assert len(rotation_calls) == calls + 1
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["lorad_A.default"] *= 2
+        layer.load_state_dict(state)
+        doubled = layer(x)
+        assert len(rotation_calls) == calls + 2 and not torch.allclose(doubled, adapted)
+        layer.double()
+        assert layer._rotation_cache is None
+        assert layer(x.double()).dtype == torch.float64
+
+
+def test_cache_with_frozen_factors_keeps_the_input_gradient(rotation_calls):
+    layer, x = _cached_layer()
+    layer.requires_grad_(False)
+    layer.cache_rotation = True
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()
+    cached_grad = x.grad.clone()
+    layer(x)
+    assert len(rotation_calls) == 1
+    layer.cache_rotation = False
+    x.grad = None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, cached_grad)
+
+
+def test_rotation_cache_context_frees_on_exit():
+    from wadi.lorad.layer import rotation_cache, set_rotation_cache
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    attach(model, LoRaDConfig(rank=2))
+    with rotation_cache(model), torch.no_grad():
+        model(torch.randn(2, 6))
+        assert all(m._rotation_cache is not None for m in model)
+    assert all(m._rotation_cache is None and not m.cache_rotation for m in model)
+    set_rotation_cache(model)
+    with torch.no_grad():
+        model(torch.randn(2, 6))
+    set_rotation_cache(model, False)
+    assert all(m._rotation_cache is None for m in model)
+
+
+def test_cache_under_inference_mode_and_with_inference_tensors(rotation_calls):
+    layer, x = _cached_layer()
+    layer.cache_rotation = True
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+    assert len(rotation_calls) == 1  # ordinary parameters: cached as under no_grad
+    with torch.inference_mode():
+        layer, x = _cached_layer()  # parameters made here have no version counter
+        layer.cache_rotation = True
+        layer(x)
+        layer(x)
+    assert len(rotation_calls) == 3  # never cached
+    assert layer._rotation_cache is None

@@ -8,14 +8,27 @@ wrapper computes exactly the base layer.
 
 Angle factors stay in at least float32 whatever dtype the model is cast to,
 because angles of a few milliradians do not survive fp16/bf16.
+
+Two opt-in speed knobs, both off by default because they cost memory:
+
+- ``keep_angles``: a training forward keeps the rotated weight for backward
+  (one weight-sized tensor per call, in the matmul dtype) instead of
+  recomputing angles and rotation there.
+- ``cache_rotation``: forwards that need no weight gradient (``torch.no_grad``
+  or frozen factors) reuse the rotated weight while ``A``, ``B`` and the base
+  weight are unchanged; one weight-sized tensor per layer while enabled.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import functional as lf
 from .functional import LoRaDConv2dFunction, LoRaDLinearFunction, angles, num_pairs, rotate_pairs
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -29,7 +42,16 @@ def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class LoRaDLayer(nn.Module):
-    """Common part of the LoRaD wrappers: adapter bookkeeping, merge, unmerge."""
+    """Common part of the LoRaD wrappers: adapter bookkeeping, merge, unmerge.
+
+    ``keep_angles`` (default False): when True, a forward that needs
+    gradients saves the rotated weight for backward, so backward skips
+    ``A @ B``, cos/sin and the rotation; it keeps one weight-sized tensor (in
+    the matmul dtype) alive per forward until its backward.  Off, nothing but
+    the input, the base weight and the factors is kept.
+
+    ``cache_rotation`` (default False, opt-in): see :meth:`rotated_for_inference`.
+    """
 
     adapter_layer_names = ("lorad_A", "lorad_B")
 
@@ -42,6 +64,9 @@ class LoRaDLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        self.keep_angles = False
+        self._cache_rotation = False
+        self._rotation_cache: tuple | None = None  # (key, storages, rotated weight)
 
     # -- shape of the rotated weight -------------------------------------
     @property
@@ -88,6 +113,7 @@ class LoRaDLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        self.clear_rotation_cache()
         del self.lorad_A[name]
         del self.lorad_B[name]
         del self.rank[name]
@@ -114,6 +140,77 @@ class LoRaDLayer(nn.Module):
             )
         return name
 
+    # -- rotated weight without gradients --------------------------------------
+    @property
+    def cache_rotation(self) -> bool:
+        """Whether no-grad forwards reuse the rotated weight (opt-in; False frees the cache)."""
+        return self._cache_rotation
+
+    @cache_rotation.setter
+    def cache_rotation(self, enabled: bool) -> None:
+        self._cache_rotation = bool(enabled)
+        if not enabled:
+            self._rotation_cache = None
+
+    def clear_rotation_cache(self) -> None:
+        """Drop the cached rotated weight (needed after writes through ``.data``, see below)."""
+        self._rotation_cache = None
+
+    def _weight_frozen(self, name: str) -> bool:
+        """True when this forward needs no gradient for ``A``, ``B`` or the base weight."""
+        if not torch.is_grad_enabled():
+            return True
+        tensors = (self.lorad_A[name], self.lorad_B[name], self.base_layer.weight)
+        return not any(t.requires_grad for t in tensors)
+
+    def rotated_for_inference(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The rotated weight of adapter ``name`` in ``dtype``, for a forward with no weight gradient.
+
+        With ``cache_rotation`` on, the tensor is kept and returned again while
+        the ``_version`` counters and storages of ``A``, ``B`` and the base
+        weight, the adapter name, dtype and device are unchanged; so two no-grad
+        passes between optimizer steps rotate once, and ``optimizer.step()``
+        (an in-place update bumps ``_version``), ``load_state_dict``, merge and
+        unmerge invalidate it.  Bounded: one tensor per layer (the latest
+        key); disabling the cache, ``.to()``/``.half()``, merge, unmerge and
+        ``delete_adapter`` free it.  Writes through ``param.data`` bypass the
+        version counter: call :meth:`clear_rotation_cache` after them.
+        Inference tensors have no version counter and are never cached.
+        """
+        a, b, w = self.lorad_A[name], self.lorad_B[name], self.base_layer.weight
+        tensors = (a, b, w)
+        if not self._cache_rotation or any(t.is_inference() for t in tensors):
+            with torch.no_grad():
+                return lf.rotated_weight(w, a, b, dtype)
+        key = (name, dtype, w.device, tuple(w.shape))
+        key += tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
+        entry = self._rotation_cache
+        if entry is not None and entry[0] == key:
+            return entry[2]
+        self._rotation_cache = None  # free the stale tensor before building its successor
+        with torch.no_grad():
+            rotated = lf.rotated_weight(w, a, b, dtype)
+        # The storages are held so a freed address cannot come back under a new
+        # tensor with the same version count and be mistaken for the old one.
+        self._rotation_cache = (key, tuple(t.untyped_storage() for t in tensors), rotated)
+        return rotated
+
+    def _frozen_rotated(
+        self, name: str, x: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The rotated weight when this forward can skip the autograd Function, else None.
+
+        That is: no weight gradient is needed and either the cache is on (its
+        tensor is kept anyway) or grad mode is off (nothing is kept at all).
+        """
+        if not self._weight_frozen(name):
+            return None
+        bias = self.base_layer.bias
+        needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+        if not self._cache_rotation and torch.is_grad_enabled() and needs_grad:
+            return None  # F.linear might keep a fresh rotated weight for backward
+        return self.rotated_for_inference(name, dtype)
+
     # -- merge -------------------------------------------------------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -124,6 +221,7 @@ class LoRaDLayer(nn.Module):
             raise RuntimeError(
                 f"{self.merged_adapters} already merged; one merged adapter at a time"
             )
+        self.clear_rotation_cache()
         w = self.base_layer.weight
         w.copy_(rotate_pairs(w, self.theta(name)))
         self.merged_adapters.append(name)
@@ -133,6 +231,7 @@ class LoRaDLayer(nn.Module):
         """Rotate the base weight back by ``-theta`` (exact up to rounding)."""
         if name not in self.merged_adapters:
             return
+        self.clear_rotation_cache()
         w = self.base_layer.weight
         w.copy_(rotate_pairs(w, -self.theta(name)))
         self.merged_adapters.remove(name)
@@ -143,6 +242,7 @@ class LoRaDLayer(nn.Module):
 
     # -- dtype policy --------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        self.clear_rotation_cache()
         super()._apply(fn, recurse)
         for params in (self.lorad_A, self.lorad_B):
             for p in params.values():
@@ -169,8 +269,19 @@ class LoRaDLinear(LoRaDLayer):
             return self.base_layer(x)
         base = self.base_layer
         dtype = _matmul_dtype(x, base.weight)
+        rotated = self._frozen_rotated(name, x, dtype)
+        if rotated is not None:
+            with lf._no_autocast(x):
+                bias = base.bias.to(dtype) if base.bias is not None else None
+                return F.linear(x.to(dtype), rotated, bias)
         return LoRaDLinearFunction.apply(
-            x, base.weight, base.bias, self.lorad_A[name], self.lorad_B[name], dtype
+            x,
+            base.weight,
+            base.bias,
+            self.lorad_A[name],
+            self.lorad_B[name],
+            dtype,
+            self.keep_angles,
         )
 
 
@@ -216,6 +327,12 @@ class LoRaDConv2d(LoRaDLayer):
         conv = self.base_layer
         x, padding = self._explicit_padding(x)
         dtype = _matmul_dtype(x, conv.weight)
+        rotated = self._frozen_rotated(name, x, dtype)
+        if rotated is not None:
+            with lf._no_autocast(x):
+                bias = conv.bias.to(dtype) if conv.bias is not None else None
+                args = (_int_pair(conv.stride), padding, _int_pair(conv.dilation), conv.groups)
+                return F.conv2d(x.to(dtype), rotated, bias, *args)
         return LoRaDConv2dFunction.apply(
             x,
             conv.weight,
@@ -227,6 +344,7 @@ class LoRaDConv2d(LoRaDLayer):
             padding,
             _int_pair(conv.dilation),
             conv.groups,
+            self.keep_angles,
         )
 
 
@@ -239,9 +357,54 @@ def wrap_layer(module: nn.Module) -> LoRaDLayer:
     raise TypeError(f"LoRaD supports nn.Linear and nn.Conv2d, not {type(module).__name__}")
 
 
+def _layers(model: nn.Module) -> Iterator[LoRaDLayer]:
+    return (m for m in model.modules() if isinstance(m, LoRaDLayer))
+
+
+def set_keep_angles(model: nn.Module, enabled: bool = True) -> None:
+    """Set ``keep_angles`` on every LoRaD layer of ``model`` (memory for backward time)."""
+    for layer in _layers(model):
+        layer.keep_angles = enabled
+
+
+def set_rotation_cache(model: nn.Module, enabled: bool = True) -> None:
+    """Turn the no-grad rotated-weight cache on or off (off frees it) on every LoRaD layer."""
+    for layer in _layers(model):
+        layer.cache_rotation = enabled
+
+
+@contextlib.contextmanager
+def rotation_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Cache rotated weights inside the block (e.g. one training iteration), free them after.
+
+    The memory is bounded by the block: one weight-sized tensor per LoRaD
+    layer that ran without gradients, released on exit (each layer's
+    previous setting is restored).
+    """
+    layers = list(_layers(model))
+    before = [layer.cache_rotation for layer in layers]
+    for layer in layers:
+        layer.cache_rotation = True
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.clear_rotation_cache()
+            layer.cache_rotation = enabled
+
+
 def trainable_count(out_features: int, fan_in: int, rank: int) -> int:
     """Trainable parameters of one LoRaD adapter: ``r * (out + in // 2)``."""
     return rank * (out_features + num_pairs(fan_in))
 
 
-__all__ = ["LoRaDLayer", "LoRaDLinear", "LoRaDConv2d", "wrap_layer", "trainable_count"]
+__all__ = [
+    "LoRaDLayer",
+    "LoRaDLinear",
+    "LoRaDConv2d",
+    "wrap_layer",
+    "trainable_count",
+    "set_keep_angles",
+    "set_rotation_cache",
+    "rotation_cache",
+]
