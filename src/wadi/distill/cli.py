@@ -50,6 +50,7 @@ HELP = {
     "mixed_precision": "no, fp16 or bf16 (the frozen base is stored in it)",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "compile": "torch.compile the shared denoiser",
+    "compile_backend": "torch.compile backend: inductor, or aot_eager (no C++ compiler needed)",
     "ema_decay": "EMA decay of the student (default: no EMA, as the paper)",
     "export_ema": "with --ema-decay: final/pipeline holds the EMA weights",
     "max_nonfinite_steps": "stop after this many non-finite steps in a row",
@@ -79,6 +80,16 @@ METAVARS = {
     "real_images": "DIR",
     "prompt_column": "COLUMN",
 }
+
+
+def _int_items(text: str) -> list[int]:
+    """``"999,749"`` or ``"999"`` as a list of integers (argparse type)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of integers (e.g. 999,749,499,249)"
+        ) from None
 
 
 def _field_default(f):
@@ -117,6 +128,8 @@ def _add_config_flags(p) -> None:
             item = typing.get_args(inner)[0]
             if f.name == "validation_prompts":
                 options.update(action="append", type=item, metavar="PROMPT")
+            elif item is int:  # 999 749 499 or 999,749,499
+                options.update(nargs="+", type=_int_items, metavar="N")
             else:
                 options.update(nargs="+", type=item, metavar="N")
             shown = " ".join(str(v) for v in default) if default else None
@@ -169,6 +182,8 @@ def resolve_config(args):
         base = DistillConfig().to_dict()
     for key in (f.name for f in dataclasses.fields(DistillConfig)):
         value = getattr(args, key, None)
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            value = [x for part in value for x in part]  # --generator-timesteps 999,749 499
         if value is not None:
             base[key] = value
     return DistillConfig.from_dict(base)

@@ -13,6 +13,13 @@ accumulation, processed ``B`` at a time):
    10 % null prompts; step.  ``fake_updates = k > 1`` repeats this on fresh student
    samples (DMD2's two time-scale rule).
 
+With DMD2's GAN term (``gan``, :mod:`wadi.distill.gan`) the generator also gets the
+non-saturating loss of a classifier head on the fake score's bottleneck (its gradient
+on x0 is taken inside the fake role, then fed to the student's backward, so each
+backward runs in the role of its forward), and the fake score's update adds the
+classifier loss on noised real images vs the student's samples.  The classifier is
+unconditional (null prompt on both sides): real images come without captions.
+
 Every random draw is made for the whole batch before it is split into micro-batches,
 so ``B`` with ``K = 2`` computes what ``2B`` with ``K = 1`` does (to float rounding).
 """
@@ -53,12 +60,38 @@ class WaDiIteration:
     factory (mixed precision or a no-op).
     """
 
-    def __init__(self, backbone, roles, objective, generator, config, autocast, optimizers):
+    def __init__(
+        self,
+        backbone,
+        roles,
+        objective,
+        generator,
+        config,
+        autocast,
+        optimizers,
+        gan=None,
+        real_latents: Tensor | None = None,
+    ):
         self.backbone, self.roles = backbone, roles
         self.objective, self.generator = objective, generator
         self.config, self.autocast = config, autocast
         self.student, self.fake = optimizers["student"], optimizers["fake"]
         self.param = backbone.parametrization
+        self.gan, self.real = gan, real_latents
+        if gan is not None and (real_latents is None or not len(real_latents)):
+            raise ValueError("the GAN term needs real images (--real-images DIR)")
+
+    def _gan_gradient(self, x0: Tensor, eps: Tensor, t: Tensor, null_cond) -> Tensor:
+        """d(GAN generator loss)/d x0 through the fake score, computed in the fake role."""
+        leaf = x0.detach().float().requires_grad_(True)
+        x_t = self.param.add_noise(leaf, eps, t)
+        with self.autocast():
+            loss = self.gan.generator_loss(
+                self.backbone, x_t, t, null_cond.expand(len(x0)), self.roles.fake
+            )
+        with self.roles.fake():
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return grad
 
     def _timesteps(self, n, t_min, t_max, rng, device) -> Tensor:
         return self.param.sample_timesteps(n, t_min, t_max, rng, device)
@@ -94,6 +127,9 @@ class WaDiIteration:
                     )
             loss = self.objective.generator_loss(x0, x_t, t[s], eps_real, eps_fake, self.param)
             loss_g += float(loss.detach()) * scale(s)
+            if self.gan is not None:  # surrogate whose gradient on x0 is the GAN gradient
+                grad = self._gan_gradient(x0, eps[s], t[s], null_cond)
+                loss = loss + (x0.float() * torch.nan_to_num(grad)).sum()
             self.student.backward(loss * scale(s) if len(parts) > 1 else loss, roles.student)
             x0_all.append(x0.detach().float())
         ok_g, norm_g = self.student.step(step)
@@ -118,6 +154,9 @@ class WaDiIteration:
             eps2 = torch.randn(shape, generator=rng, device=device)
             t2 = self._timesteps(n, config.fake_t_min, config.fake_t_max, rng, device)
             keep = torch.rand(n, generator=rng, device=device) >= config.null_prompt_prob
+            if self.gan is not None:
+                pick = torch.randint(0, len(self.real), (n,), generator=rng, device=device)
+                eps_real = torch.randn(shape, generator=rng, device=device)
             loss_f = 0.0
             for s in parts:
                 x_t2 = self.param.add_noise(x0[s], eps2[s], t2[s])
@@ -125,6 +164,13 @@ class WaDiIteration:
                     eps_pred = backbone.predict_eps(x_t2, t2[s], cond[s].where(keep[s], null_cond))
                 loss = self.objective.fake_loss(eps_pred, eps2[s], t2[s], self.param)
                 loss_f += float(loss.detach()) * scale(s)
+                if self.gan is not None:
+                    x_t_real = self.param.add_noise(self.real[pick[s]], eps_real[s], t2[s])
+                    with self.autocast():
+                        loss = loss + self.gan.discriminator_loss(
+                            backbone, x_t_real, x_t2, t2[s], null_cond.expand(len(x_t2)),
+                            roles.fake,
+                        )  # fmt: skip
                 self.fake.backward(loss * scale(s) if len(parts) > 1 else loss, roles.fake)
             ok, norm_f = self.fake.step(step)
             ok_f = ok_f and ok

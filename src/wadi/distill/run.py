@@ -132,18 +132,21 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
         raise ValueError("the prompt source holds no prompts")
     latent = backbone.latent_size(config.resolution)
     shape = (config.global_batch, backbone.latent_channels, latent, latent)
+    gan, real, modules = _gan_term(config, backbone) if config.gan_weight else (None, None, {})
+    fake_params = roles.fake_parameters() + (gan.parameters() if gan is not None else [])
     optimizers = {
         "student": OptimizerStep(
             "student", roles.student_parameters(), config.lr_student, config, device
         ),
-        "fake": OptimizerStep("fake", roles.fake_parameters(), config.lr_fake, config, device),
+        "fake": OptimizerStep("fake", fake_params, config.lr_fake, config, device),
     }
     autocast = functools.partial(
         torch.autocast, device.type, dtype=dtype, enabled=config.mixed_precision != "no"
     )
     iteration = WaDiIteration(
-        backbone, roles, make_objective(config.objective), generator, config, autocast, optimizers
-    )
+        backbone, roles, make_objective(config.objective), generator, config, autocast,
+        optimizers, gan=gan, real_latents=real,
+    )  # fmt: skip
     # inputs are good: only now touch the output folder
     barrier()
     if is_main:
@@ -169,7 +172,22 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
         rank=rank,
         world=world,
         resume_from=resume_from,
+        modules=modules,
     )
     if resume_from is not None:
         load_checkpoint(resume_from, run)
     return run, config
+
+
+def _gan_term(config, backbone):
+    """DMD2's GAN term with its real images encoded once: (term, latents, modules to save)."""
+    from wadi.data.images import encode_images, load_image_folder
+
+    from .gan import GANTerm
+
+    channels = 3 if backbone.vae is not None else backbone.latent_channels
+    images = load_image_folder(config.real_images, config.resolution, channels)
+    with torch.no_grad():
+        latents = encode_images(backbone, images.to(backbone.device, backbone.dtype)).float()
+    gan = GANTerm.for_backbone(backbone, weight=config.gan_weight)
+    return gan, latents, {"gan_head": gan.head}
