@@ -301,7 +301,7 @@ def test_generate_exported_pixel_pipeline_one_step(digits_export, digit_captions
     out = tmp_path / "student"
     record = generate_images(digits_export, captions, out, steps=1, seed=9, dtype="float32")
     assert record["space"] == "pixel" and record["resolution"] == 16
-    assert "one_step" in record["sampler"]
+    assert "OneStep" in record["sampler"]
 
     unet, encode = _raw_parts(digits_export)
     a = float(

@@ -26,6 +26,7 @@ from .base import Backbone
 from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 
 __all__ = [
+    "exported_generator",
     "student_scheduler",
     "pipeline_call",
     "one_step_scheduler",
@@ -160,6 +161,24 @@ def pipeline_call(backbone, generator) -> dict:
         # the stock default maps a request to the nearest trained aspect bucket
         call["use_resolution_binning"] = False
     return call
+
+
+def exported_generator(folder: str | os.PathLike):
+    """The generator an exported folder was written for (``wadi_export.json``).
+
+    Folders without the file (a teacher, an older export) give the one-step generator at
+    t = 999.  An exported scheduler already holds the trained ``abar_T``, so none is set.
+    """
+    from wadi.generators import OneStep, make_generator
+
+    path = Path(folder) / "wadi_export.json"
+    if not path.is_file():
+        return OneStep(999)
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-export the student") from None
+    return make_generator(info.get("timesteps") or [999])
 
 
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:

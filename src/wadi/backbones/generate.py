@@ -22,6 +22,10 @@ from wadi.paths import check_output_folder, check_output_separate, writing_outpu
 __all__ = ["seeded_noise", "to_pil", "generate_images"]
 
 
+#: offset of the per-image seeds a multi-step student's re-noising draws from
+RENOISE_SEED = 1_000_003
+
+
 def seeded_noise(indices: Sequence[int], seed: int, shape: tuple[int, ...]) -> Tensor:
     """``(len(indices), *shape)`` standard normal noise, row ``k`` from seed ``seed + indices[k]``."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -146,14 +150,23 @@ def _stock_runner(folder, device, dtype, resolution):
     extra = {}
     if type(pipe).__name__.startswith("PixArt"):
         extra = {"use_resolution_binning": False, "clean_caption": False}
+    from .export import exported_generator
+
+    generator = exported_generator(folder)
+    call = {"num_inference_steps": generator.num_steps, "guidance_scale": 1.0}
+    if generator.num_steps > 1:
+        call["timesteps"] = list(generator.timesteps)
 
     def sample(batch, indices, seed):
         z = seeded_noise(indices, seed, (channels, size, size)).to(device=device, dtype=dtype)
+        renoise = None
+        if generator.num_steps > 1:  # image i's re-noising draws: its own seeded generator
+            renoise = [torch.Generator().manual_seed(RENOISE_SEED + seed + i) for i in indices]
         with torch.no_grad():
             images = pipe(
                 list(batch),
-                num_inference_steps=1,
-                guidance_scale=1.0,
+                **call,
+                generator=renoise,
                 latents=z,
                 height=size * factor,
                 width=size * factor,
@@ -166,8 +179,11 @@ def _stock_runner(folder, device, dtype, resolution):
 
 
 def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution):
-    """Teacher (+ LoRaD adapter) through :mod:`wadi.backbones`: one_step or DDIM with CFG."""
-    from .onestep import alpha_bar_from_scheduler, one_step
+    """Teacher (+ LoRaD adapter) through :mod:`wadi.backbones`: the student's generator
+    (one step, or the steps a multi-step export names) or DDIM with CFG."""
+    from wadi.generators import OneStep
+
+    from .export import exported_generator
     from .registry import load_backbone
     from .sampling import sample_multistep
 
@@ -176,7 +192,9 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
         from wadi.lorad import load_adapter
 
         load_adapter(backbone.denoiser, adapter, "student")
-    a = alpha_bar_T if alpha_bar_T is not None else alpha_bar_from_scheduler(backbone.scheduler)
+    generator = exported_generator(folder)
+    if alpha_bar_T is not None:
+        generator = OneStep(999, alpha_bar_T)
     sample_size = backbone.denoiser.config.sample_size
     size = backbone.latent_size(resolution) if resolution else sample_size
     null = backbone.encode_prompts([""]) if steps > 1 else None
@@ -187,7 +205,8 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
         with torch.no_grad():
             cond = backbone.encode_prompts(list(batch))
             if steps == 1:
-                x0 = one_step(backbone, z, cond, a)
+                renoise = torch.Generator().manual_seed(RENOISE_SEED + seed + indices[0])
+                x0 = generator.sample(backbone, z, cond, renoise)
             else:
                 x0 = sample_multistep(backbone, cond, null, z, steps=steps, guidance=guidance)
             images = backbone.decode(x0)

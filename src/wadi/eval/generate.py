@@ -181,6 +181,9 @@ class _PixelSampler:
         self.resolution = resolution or int(backbone.denoiser.config.sample_size)
         self.size = backbone.latent_size(self.resolution)
         self.alpha_bar_T = alpha_bar_from_scheduler(backbone.scheduler)
+        from wadi.backbones.export import exported_generator
+
+        self.generator = exported_generator(model)  # one step, or the export's timesteps
         self.null = None
         self.pipeline_kwargs = {}
         self.describe = {
@@ -191,14 +194,13 @@ class _PixelSampler:
 
     def sampler_for(self, steps: int, guidance: float) -> str:
         if steps == 1 and guidance <= 1.0:
-            return f"wadi.backbones.onestep.one_step, alpha_bar_T={self.alpha_bar_T!r}"
+            return f"wadi.generators.{self.generator!r}, alpha_bar_T={self.alpha_bar_T!r}"
         return "wadi.backbones.sampling.sample_multistep (DDIM trailing, eta 0, CFG)"
 
     def __call__(self, prompts, indices, seed, steps, guidance) -> np.ndarray:
         import torch
 
-        from wadi.backbones.generate import seeded_noise
-        from wadi.backbones.onestep import one_step
+        from wadi.backbones.generate import RENOISE_SEED, seeded_noise
         from wadi.backbones.sampling import sample_multistep
 
         shape = (self.backbone.latent_channels, self.size, self.size)
@@ -206,7 +208,8 @@ class _PixelSampler:
         with torch.inference_mode():
             cond = self.backbone.encode_prompts(list(prompts))
             if steps == 1 and guidance <= 1.0:
-                x0 = one_step(self.backbone, z, cond, self.alpha_bar_T)
+                renoise = torch.Generator().manual_seed(RENOISE_SEED + seed + indices[0])
+                x0 = self.generator.sample(self.backbone, z, cond, renoise)
             else:
                 if self.null is None:
                     self.null = self.backbone.encode_prompts([""])

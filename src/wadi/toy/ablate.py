@@ -65,12 +65,11 @@ def runs(cfg: AblationConfig) -> list[dict]:
 
 
 def student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
-    """FD and accuracy of the student's one-step samples (own noise, seed 12345).
+    """FD and accuracy of the student's samples through the run's generator (own noise,
+    seed 12345).
 
     ``use_ema``: measure with the EMA tensors swapped in (then swapped back).
     """
-    from wadi.backbones import one_step
-
     backbone, roles = context["backbone"], context["roles"]
     digits = balanced_digits(samples)
     z = noise(samples, 12345)
@@ -83,7 +82,8 @@ def student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
             live[k].data.copy_(v)
     try:
         with torch.no_grad(), roles.student():
-            x = one_step(backbone, z, cond, context["alpha_bar_T"]).float().clamp(-1, 1)
+            x = context["generator"].sample(backbone, z, cond, torch.Generator().manual_seed(1))
+            x = x.float().clamp(-1, 1)
     finally:
         for k, v in saved.items():
             live[k].data.copy_(v)

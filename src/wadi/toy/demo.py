@@ -108,10 +108,11 @@ def distill_config(cfg: DemoConfig, prompts: Path, run_dir: Path | None = None):
 @torch.no_grad()
 def one_step_images(backbone, digits, z, alpha_bar_T: float) -> torch.Tensor:
     """One network evaluation per image: x0 from noise at t = 999 (method.md section 3)."""
-    from wadi.backbones.onestep import one_step
+    from wadi.generators import OneStep
 
     cond = backbone.encode_prompts([prompt_for(d) for d in digits])
-    return backbone.decode(one_step(backbone, z, cond, alpha_bar_T)).float().clamp(-1.0, 1.0)
+    x0 = OneStep(999, alpha_bar_T).sample(backbone, z, cond)
+    return backbone.decode(x0).float().clamp(-1.0, 1.0)
 
 
 def _timed(fn):
