@@ -68,6 +68,9 @@ def _unit_phase(theta: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.ones((), dtype=theta.dtype, device=theta.device), theta)
 
 
+_EXACT = (torch.float32, torch.float64)
+
+
 def _odd_offset(t: torch.Tensor) -> bool:
     """Whether ``t`` starts at an odd element (no complex view); not traceable, so False when compiling."""
     return not torch.compiler.is_compiling() and t.storage_offset() % 2 == 1
@@ -85,9 +88,7 @@ def _complex_pairs(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` (``out x ...``, even fan-in) as an ``(out, pairs)`` complex view, or None if it cannot be one."""
     out_features = t.shape[0]
     fan_in = t.numel() // out_features if out_features else 0
-    if fan_in % 2 or not t.is_contiguous() or _odd_offset(t):
-        return None
-    if t.dtype not in (torch.float32, torch.float64):
+    if fan_in % 2 or t.dtype not in _EXACT or not t.is_contiguous() or _odd_offset(t):
         return None
     return torch.view_as_complex(t.view(out_features, fan_in // 2, 2))
 
@@ -107,6 +108,18 @@ def _check_theta(shape: torch.Size, theta: torch.Tensor) -> int:
 def _rotate(weight: torch.Tensor, theta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``rotate_pairs`` with the result cast straight to ``out_dtype`` (one cast, no round trip)."""
     shape = weight.shape
+    dtype = weight.dtype
+    if (  # the training case, with as little Python as possible: per-call overhead matters
+        len(shape) == 2
+        and dtype is theta.dtype
+        and dtype is out_dtype
+        and dtype in _EXACT
+        and not (torch.is_grad_enabled() and (theta.requires_grad or weight.requires_grad))
+        and theta.shape == (shape[0], shape[1] // 2)
+    ):
+        w_c = _complex_pairs(weight)
+        if w_c is not None:
+            return torch.view_as_real(_unit_phase(theta).mul_(w_c)).view(shape)
     fan_in = _check_theta(shape, theta)
     out_features = shape[0]
     pairs = num_pairs(fan_in)
@@ -162,20 +175,28 @@ def rotate_pairs_grad_theta(rotated: torch.Tensor, grad_rotated: torch.Tensor) -
     ``dL/dtheta = r0 * dL/dr1 - r1 * dL/dr0``.  Only the rotated weight is
     needed, not the base weight, cos or sin.  Result in float32 or float64.
     """
-    out_features = rotated.shape[0]
-    r2d = rotated.reshape(out_features, -1)
-    g2d = grad_rotated.reshape(out_features, -1)
-    pairs = num_pairs(r2d.shape[1])
-    dtype = torch.promote_types(
-        torch.promote_types(rotated.dtype, grad_rotated.dtype), torch.float32
-    )
-    r = _pair_view(r2d, pairs, dtype)
-    g = _pair_view(g2d, pairs, dtype)
+    r_c, g_c = _complex_pairs(rotated), _complex_pairs(grad_rotated)
+    if r_c is not None and g_c is not None and r_c.dtype is g_c.dtype:  # views only
+        r, g = torch.view_as_real(r_c), torch.view_as_real(g_c)
+    else:
+        out_features = rotated.shape[0]
+        r2d = rotated.reshape(out_features, -1)
+        g2d = grad_rotated.reshape(out_features, -1)
+        pairs = num_pairs(r2d.shape[1])
+        dtype = torch.promote_types(
+            torch.promote_types(rotated.dtype, grad_rotated.dtype), torch.float32
+        )
+        r = _pair_view(r2d, pairs, dtype)
+        g = _pair_view(g2d, pairs, dtype)
     # Two real passes straight into a contiguous result (what the A and B
     # matmuls want).  The complex form Im(conj(r) * g) is one kernel but
     # materialises conj(r) and a complex product first: measured slower on CPU.
     grad_theta = torch.mul(r[..., 0], g[..., 1])
     return grad_theta.addcmul_(r[..., 1], g[..., 0], value=-1)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -197,10 +218,11 @@ def _weight_grads(ctx, rotated, grad_rotated, weight, lorad_A, lorad_B):
         grad_w = _rotate(grad_rotated.reshape(weight.shape), -theta, weight.dtype)
     if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
         grad_theta = rotate_pairs_grad_theta(rotated, grad_rotated)
+        dtype = grad_theta.dtype
         if ctx.needs_input_grad[3]:
-            grad_A = (grad_theta @ lorad_B.to(grad_theta.dtype).T).to(lorad_A.dtype)
+            grad_A = _cast(grad_theta @ _cast(lorad_B, dtype).T, lorad_A.dtype)
         if ctx.needs_input_grad[4]:
-            grad_B = (lorad_A.to(grad_theta.dtype).T @ grad_theta).to(lorad_B.dtype)
+            grad_B = _cast(_cast(lorad_A, dtype).T @ grad_theta, lorad_B.dtype)
     return grad_w, grad_A, grad_B
 
 
@@ -244,8 +266,8 @@ class LoRaDLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lorad_A, lorad_B, compute_dtype, keep_rotated=False):
         with _no_autocast(x):
             rotated = rotated_weight(weight, lorad_A, lorad_B, compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-            y = F.linear(x.to(compute_dtype), rotated, b)
+            b = _cast(bias, compute_dtype) if bias is not None else None
+            y = F.linear(_cast(x, compute_dtype), rotated, b)
         _save(ctx, x, weight, lorad_A, lorad_B, rotated, keep_rotated)
         ctx.compute_dtype = compute_dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -255,18 +277,25 @@ class LoRaDLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lorad_A, lorad_B, rotated = _saved(ctx)
         dtype = ctx.compute_dtype
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         with _no_autocast(grad_y):
-            gy2d = grad_y.to(dtype).reshape(-1, grad_y.shape[-1])
+            gy2d = _cast(grad_y, dtype)
+            if gy2d.dim() != 2:
+                gy2d = gy2d.reshape(-1, gy2d.shape[-1])
             grad_x = grad_w = grad_b = grad_A = grad_B = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (gy2d @ rotated).view(x.shape).to(x.dtype)
-            if any(ctx.needs_input_grad[i] for i in (1, 3, 4)):
-                grad_rotated = gy2d.T @ x.to(dtype).reshape(-1, x.shape[-1])
+            if need_x:
+                grad_x = _cast(gy2d @ rotated, x.dtype)
+                if x.dim() != 2:
+                    grad_x = grad_x.view(x.shape)
+            if need_w or need_A or need_B:
+                x2d = _cast(x, dtype)
+                if x2d.dim() != 2:
+                    x2d = x2d.reshape(-1, x2d.shape[-1])
                 grad_w, grad_A, grad_B = _weight_grads(
-                    ctx, rotated, grad_rotated, weight, lorad_A, lorad_B
+                    ctx, rotated, gy2d.T @ x2d, weight, lorad_A, lorad_B
                 )
-            if ctx.needs_input_grad[2]:
-                grad_b = gy2d.sum(0).to(ctx.bias_dtype)
+            if need_b:
+                grad_b = _cast(gy2d.sum(0), ctx.bias_dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
 
 
