@@ -6,7 +6,7 @@
              that discard the layer's own matmul and build the rotated weight
              with autograd (re-created here; see method.md section 7)
 
-Both run the same iteration code (wadi.distill.loop.vsd_iteration), same
+Both run the same iteration code (wadi.distill.iteration.WaDiIteration), same
 loss, same batch, same seeds.  Each variant runs in its own process so peak
 memory is its own (CUDA: max_memory_allocated; CPU: peak RSS).
 
@@ -122,7 +122,10 @@ def _current_rss() -> int:
 def run_variant(args) -> dict:
     from wadi.backbones.base import TextCondition
     from wadi.distill import DistillConfig, Roles
-    from wadi.distill.loop import Update, vsd_iteration
+    from wadi.distill.iteration import WaDiIteration
+    from wadi.distill.objectives import VSD
+    from wadi.distill.optim import OptimizerStep
+    from wadi.generators import OneStep
 
     device = torch.device(args.device)
     start_rss = _current_rss()
@@ -143,15 +146,18 @@ def run_variant(args) -> dict:
         teacher="bench", batch_size=args.batch, resolution=args.resolution,
         mixed_precision="no" if args.precision == "fp32" else args.precision, progress=False,
     )  # fmt: skip
-    student = Update("student", roles.student_parameters(), config.lr_student, config, device)
-    fake = Update("fake", roles.fake_parameters(), config.lr_fake, config, device)
+    optimizers = {
+        "student": OptimizerStep(
+            "student", roles.student_parameters(), config.lr_student, config, device
+        ),
+        "fake": OptimizerStep("fake", roles.fake_parameters(), config.lr_fake, config, device),
+    }
     latent = args.resolution // 8
     shape = (args.batch, 4, latent, latent)
     g = torch.Generator(device).manual_seed(0)
     cross = ARCHS[args.arch]["cross_attention_dim"]
     cond = TextCondition(torch.randn(args.batch, 77, cross, device=device))
     null = TextCondition(torch.randn(1, 77, cross, device=device))
-    abar = backbone.alphas_cumprod().to(device)
     autocast = functools.partial(
         torch.autocast, device.type, dtype=dtype, enabled=args.precision != "fp32"
     )
@@ -159,22 +165,12 @@ def run_variant(args) -> dict:
         p.numel() for p in roles.fake_parameters()
     )
 
+    iteration = WaDiIteration(
+        backbone, roles, VSD(), OneStep(999, 0.0047), config, autocast, optimizers
+    )
+
     def one(step):
-        vsd_iteration(
-            backbone,
-            roles,
-            student,
-            fake,
-            cond,
-            null,
-            shape,
-            abar,
-            0.0047,
-            config,
-            g,
-            autocast,
-            step,
-        )
+        iteration(cond, null, shape, g, step)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
