@@ -75,6 +75,18 @@ def register(subparsers) -> None:
     g.add_argument("--steps", type=_positive, default=1, help="1 (student) or more (teacher DDIM)")
     g.add_argument("--guidance", type=float, default=None, help="CFG scale for --steps > 1 (3.0)")
     g.add_argument("--resolution", type=_positive, default=None, help="image side in pixels")
+    g.add_argument(
+        "--redilate",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|SPEC",
+        help=(
+            "above the native resolution: re-dilate the deep blocks' convolutions by "
+            "resolution/native (ScaleCrafter); SPEC = blocks, e.g. down_blocks.1,mid_block,"
+            "up_blocks.0 (NAME:D for a block's own dilation); auto = the deepest quarter"
+        ),
+    )
     g.add_argument("--alpha-bar-T", type=_unit_interval, default=None, help="see wadi export")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
@@ -150,6 +162,7 @@ def _generate(args) -> int:
         steps=args.steps,
         guidance=args.guidance,
         resolution=args.resolution,
+        redilate=args.redilate,
         alpha_bar_T=args.alpha_bar_T,
         device=device,
         dtype=dtype,

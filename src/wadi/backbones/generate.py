@@ -66,6 +66,7 @@ def generate_images(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    redilate: str | None = None,
 ) -> list[Path]:
     """Write ``out/00000.png ...`` and ``out/images.jsonl`` (file, prompt, seed) for ``prompts``.
 
@@ -74,6 +75,8 @@ def generate_images(
     with new images, and a failure midway leaves it as it was.  Routes: ``pipeline`` (an exported folder, run by the stock diffusers
     pipeline in one step); ``teacher`` + ``adapter`` (wadi's one-step
     generator); ``teacher`` alone with ``steps > 1`` (DDIM with CFG, default 3.0).
+    ``redilate`` (``"auto"`` or a block list) samples above the native resolution with
+    ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`).
     """
     from tqdm.auto import tqdm
 
@@ -115,6 +118,8 @@ def generate_images(
         sampler = _wadi_runner(
             pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution
         )
+    if redilate is not None:
+        sampler = _redilated(sampler, resolution, redilate)
     written: list[Path] = []
     records = []
     bar = tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress)
@@ -175,6 +180,7 @@ def _stock_runner(folder, device, dtype, resolution):
             ).images
         return images.float().cpu()
 
+    sample.unet, sample.vae_scale_factor = denoiser, factor
     return sample
 
 
@@ -211,5 +217,20 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
                 x0 = sample_multistep(backbone, cond, null, z, steps=steps, guidance=guidance)
             images = backbone.decode(x0)
         return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+    sample.unet, sample.vae_scale_factor = backbone.denoiser, backbone.vae_scale_factor
+    return sample
+
+
+def _redilated(sampler, resolution, spec):
+    """``sampler`` run inside :func:`wadi.highres.redilation` (checked before any image)."""
+    from wadi.highres import redilation
+
+    with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec):
+        pass  # refuses a bad --redilate/--resolution now, not after the folder is opened
+
+    def sample(batch, indices, seed):
+        with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec):
+            return sampler(batch, indices, seed)
 
     return sample
