@@ -133,7 +133,10 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
     def measure(step, context):
         if step == 0:
             _reset_peak_memory()
-            rss_loaded.append(_memory_kib("VmRSS"))
+            # VmHWM is updated lazily and can read below VmRSS just after the reset; the
+            # smaller of the two is the true start, so the peak above it is never negative
+            rss, hwm = _memory_kib("VmRSS"), _memory_kib("VmHWM")
+            rss_loaded.append(min(rss, hwm) if rss and hwm else rss)
         point = {"step": step, **student_metrics(context, cfg.samples)}
         if context.get("ema") is not None:
             ema = student_metrics(context, cfg.samples, use_ema=True)
