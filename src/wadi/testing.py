@@ -332,6 +332,96 @@ def make_tiny_sdxl(
     return directory
 
 
+def _tiny_clip_with_projection(
+    directory: Path, hidden_size: int, projection_dim: int, pad_token: str | None, seed: int
+):
+    """``(CLIPTextModelWithProjection, CLIPTokenizer)``, 2 layers, prompts of 16 tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer(directory, TINY_WORDS, max_length=16)
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
+    _seeded(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval(), tokenizer
+
+
+def tiny_flow_vae(seed: int = 0, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """:func:`tiny_vae` with 16 latent channels and SD3's scaling/shift factors."""
+    vae = tiny_vae(latent_channels=16, seed=seed)
+    vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
+    return vae
+
+
+def make_tiny_sd3(
+    directory: str | Path, t5: bool = True, sample_size: int = 8, shift: float = 3.0, seed: int = 0
+) -> Path:
+    """A tiny ``StableDiffusion3Pipeline`` folder (random weights, SD3's layout and schedule).
+
+    ``text_encoder`` / ``text_encoder_2``: CLIPTextModelWithProjection, 16 and 24 wide
+    (projections 8 and 12, pooled 20); the second tokenizer pads with ``"!"`` as SD3's.
+    ``text_encoder_3``: a 48-wide T5 (``joint_attention_dim``), left out with ``t5=False``
+    (the folder then has no ``text_encoder_3``, as a T5-less SD3 export).  The VAE has 16
+    latent channels and SD3's scaling/shift factors; the scheduler is flow matching with
+    ``shift``.
+    """
+    import tempfile
+
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_encoder, tokenizer = _tiny_clip_with_projection(Path(tmp) / "one", 16, 8, None, seed)
+        text_encoder_2, tokenizer_2 = _tiny_clip_with_projection(
+            Path(tmp) / "two", 24, 12, "!", seed + 3
+        )
+        text_encoder_3, tokenizer_3 = (None, None)
+        if t5:
+            text_encoder_3, tokenizer_3 = tiny_t5(Path(tmp) / "three", d_model=48, seed=seed + 4)
+    _seeded(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=20,
+        pos_embed_max_size=16,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=tiny_flow_vae(seed=seed + 1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
 def make_tiny_pixart(
     directory: str | Path, sample_size: int = 8, scheduler: str = "DDPMScheduler", seed: int = 0
 ) -> Path:

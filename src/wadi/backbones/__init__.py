@@ -17,6 +17,7 @@ _EXPORTS = {
     "SDUNetBackbone": "sd",
     "PixArtBackbone": "pixart",
     "SDXLBackbone": "sdxl",
+    "SD3Backbone": "sd3",
     "alpha_bar_from_scheduler": "onestep",
     "one_step": "onestep",
     "x0_from_eps": "onestep",

@@ -110,6 +110,8 @@ def student_scheduler(teacher_scheduler, generator):
     - several steps: ``LCMScheduler`` on the teacher's schedule, called with
       ``timesteps=generator.timesteps`` (what DMD2 ships); its boundary scalings are
       within 1e-7 of the identity at t >= 20.
+
+    Flow-matching teachers (SD3, FLUX) get :func:`flow_student_scheduler`.
     """
     from diffusers import DDIMScheduler, LCMScheduler
 
@@ -117,6 +119,8 @@ def student_scheduler(teacher_scheduler, generator):
     num = int(teacher_scheduler.config.num_train_timesteps)
     if steps[0] >= num:
         raise ValueError(f"generator timestep {steps[0]} is outside the teacher's 0..{num - 1}")
+    if "FlowMatch" in type(teacher_scheduler).__name__:
+        return flow_student_scheduler(teacher_scheduler, generator)
     if len(steps) == 1 and steps[0] == num - 1:
         return one_step_scheduler(teacher_scheduler, generator.alpha_bar_T)
     if generator.alpha_bar_T is not None:
@@ -152,10 +156,46 @@ def student_scheduler(teacher_scheduler, generator):
     )
 
 
+def flow_student_scheduler(teacher_scheduler, generator):
+    """The stock scheduler of ``generator`` for a flow-matching teacher (teacher's config).
+
+    One step: ``FlowMatchEulerDiscreteScheduler``; from sigma ``s`` its Euler step to 0 is
+    ``x - s v``, the generator's x0, exactly.  Several steps: ``FlowMatchLCMScheduler``
+    (x0 = x - s v, re-noised to the next sigma with fresh noise, as :class:`MultiStep`).
+    Both are called with the generator's unshifted sigmas ``(t + 1) / T``
+    (:func:`pipeline_call`); the scheduler applies the teacher's shift to them.
+    """
+    import diffusers
+
+    if generator.alpha_bar_T is not None:
+        raise ValueError(
+            "alpha_bar_T applies to DDPM schedules; drop it for flow-matching teachers"
+        )
+    name = (
+        "FlowMatchEulerDiscreteScheduler" if generator.num_steps == 1 else "FlowMatchLCMScheduler"
+    )
+    scheduler_cls = getattr(diffusers, name, None)
+    if scheduler_cls is None:
+        raise ValueError(
+            f"diffusers {diffusers.__version__} has no {name}; export a one-step generator "
+            "or upgrade diffusers"
+        )
+    return scheduler_cls.from_config(dict(teacher_scheduler.config))
+
+
 def pipeline_call(backbone, generator) -> dict:
     """The keyword arguments of the stock pipeline call that reproduces ``generator``."""
+    from .parametrization import FlowMatchingParametrization
+
     call = {"num_inference_steps": generator.num_steps, "guidance_scale": 1.0}
-    if generator.num_steps > 1:
+    param = backbone.parametrization
+    flow = isinstance(param, FlowMatchingParametrization)
+    last = param.num_train_timesteps - 1
+    if flow and list(generator.timesteps) != [last]:
+        # unshifted levels: the stock scheduler shifts them to the generator's sigmas
+        num = param.num_train_timesteps
+        call["sigmas"] = [(t + 1) / num for t in generator.timesteps]
+    elif generator.num_steps > 1:
         call["timesteps"] = list(generator.timesteps)
     if backbone.kind == "pixart":
         # the stock default maps a request to the nearest trained aspect bucket
@@ -253,7 +293,9 @@ def save_pipeline(
             "kind": backbone.kind,
             "scheduler": type(scheduler).__name__,
             **generator.to_dict(),
-            "alpha_bar_T": alpha_bar_from_scheduler(scheduler, generator.timesteps[0]),
+            "alpha_bar_T": alpha_bar_from_scheduler(scheduler, generator.timesteps[0])
+            if hasattr(scheduler, "alphas_cumprod")
+            else None,  # flow matching: no abar
             **call,
             "pipeline_call": call,
         }

@@ -47,9 +47,10 @@ def builtin_backbones() -> list[type[Backbone]]:
     """wadi's own architectures, most specific first (imported on first use)."""
     from .pixart import PixArtBackbone
     from .sd import SDUNetBackbone
+    from .sd3 import SD3Backbone
     from .sdxl import SDXLBackbone
 
-    return [SDUNetBackbone, SDXLBackbone, PixArtBackbone]
+    return [SDUNetBackbone, SDXLBackbone, PixArtBackbone, SD3Backbone]
 
 
 def registered_backbones() -> list[type[Backbone]]:

@@ -8,6 +8,8 @@
 | sdxl-unet-fake    | 32   | the same minus proj_in, proj_out, time_emb_proj               |
 | pixart-student    | 128  | every nn.Linear except those under adaln_single               |
 | pixart-fake       | 32   | every nn.Linear under transformer_blocks                      |
+| sd3-student       | 128  | every nn.Linear under transformer_blocks                      |
+| sd3-fake          | 32   | every nn.Linear under transformer_blocks                      |
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ PRESETS: dict[str, LoRaDConfig] = {
         rank=128, target_modules=None, exclude_modules=r"adaln_single\..+"
     ),
     "pixart-fake": LoRaDConfig(rank=32, target_modules=r"transformer_blocks\..+"),
+    # SD3/SD3.5: PixArt's fake-score choice (the MMDiT blocks, both streams) at both ranks
+    "sd3-student": LoRaDConfig(rank=128, target_modules=r"transformer_blocks\..+"),
+    "sd3-fake": LoRaDConfig(rank=32, target_modules=r"transformer_blocks\..+"),
 }
 
 
