@@ -88,6 +88,25 @@ def register(subparsers) -> None:
         ),
     )
     g.add_argument("--alpha-bar-T", type=_unit_interval, default=None, help="see wadi export")
+    g.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="CN_DIR",
+        help="a ControlNetModel folder trained for the teacher (repeatable, with --control-image)",
+    )
+    g.add_argument(
+        "--control-image",
+        action="append",
+        metavar="IMG",
+        help="the condition of the matching --controlnet (resized to the image size)",
+    )
+    g.add_argument(
+        "--controlnet-scale",
+        action="append",
+        type=float,
+        metavar="S",
+        help="conditioning scale: one for all ControlNets or one each (1.0; 0 = no control)",
+    )
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     g.add_argument(
@@ -163,6 +182,9 @@ def _generate(args) -> int:
         guidance=args.guidance,
         resolution=args.resolution,
         redilate=args.redilate,
+        controlnets=args.controlnet,
+        control_images=args.control_image,
+        controlnet_scales=args.controlnet_scale,
         alpha_bar_T=args.alpha_bar_T,
         device=device,
         dtype=dtype,

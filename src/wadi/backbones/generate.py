@@ -67,6 +67,9 @@ def generate_images(
     overwrite: bool = False,
     progress: bool = True,
     redilate: str | None = None,
+    controlnets: Sequence[str | os.PathLike] | None = None,
+    control_images: Sequence | None = None,
+    controlnet_scales: Sequence[float] | None = None,
 ) -> list[Path]:
     """Write ``out/00000.png ...`` and ``out/images.jsonl`` (file, prompt, seed) for ``prompts``.
 
@@ -76,7 +79,10 @@ def generate_images(
     pipeline in one step); ``teacher`` + ``adapter`` (wadi's one-step
     generator); ``teacher`` alone with ``steps > 1`` (DDIM with CFG, default 3.0).
     ``redilate`` (``"auto"`` or a block list) samples above the native resolution with
-    ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`).
+    ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`).  ``controlnets``
+    (``ControlNetModel`` folders, one of ``control_images`` and one or all
+    ``controlnet_scales`` each) condition every U-Net call (:mod:`wadi.controlnet`);
+    they run on wadi's route, an exported folder included.
     """
     from tqdm.auto import tqdm
 
@@ -112,12 +118,23 @@ def generate_images(
         if not Path(adapter).is_dir():
             raise FileNotFoundError(f"adapter folder {adapter} not found")
         require_role(adapter, "student")
-    if pipeline is not None and (Path(pipeline) / "vae").is_dir():
+    controls = None
+    if controlnets:
+        from wadi.controlnet import load_controls
+
+        controls = load_controls(
+            controlnets, control_images or [], controlnet_scales, device=device, dtype=dtype
+        )
+    elif control_images or controlnet_scales:
+        raise ValueError("--control-image and --controlnet-scale go with --controlnet CN_DIR")
+    if pipeline is not None and (Path(pipeline) / "vae").is_dir() and not controls:
         sampler = _stock_runner(pipeline, device, dtype, resolution)
     else:
         sampler = _wadi_runner(
             pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution
         )
+    if controls:
+        sampler = _controlled(sampler, controls)
     if redilate is not None:
         sampler = _redilated(sampler, resolution, redilate)
     written: list[Path] = []
@@ -219,6 +236,18 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
         return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
 
     sample.unet, sample.vae_scale_factor = backbone.denoiser, backbone.vae_scale_factor
+    return sample
+
+
+def _controlled(sampler, controls):
+    """``sampler`` with the ControlNets' residuals in every U-Net call."""
+    from wadi.controlnet import controlled
+
+    def sample(batch, indices, seed):
+        with controlled(sampler.unet, controls):
+            return sampler(batch, indices, seed)
+
+    sample.unet, sample.vae_scale_factor = sampler.unet, sampler.vae_scale_factor
     return sample
 
 
