@@ -45,7 +45,27 @@ def register(subparsers) -> None:
         help="abar at t=999 the student was trained with (default: the teacher's scheduler)",
     )
     p.add_argument(
-        "--dtype", default=None, help="saved weights: fp32, fp16 or bf16 (default: fp32)"
+        "--dtype",
+        default=None,
+        help="saved weights: fp32, fp16 or bf16 (default: the teacher's stored dtype); "
+        "fp16/bf16 folders use the stock variant names (variant='fp16')",
+    )
+    p.add_argument(
+        "--format",
+        default="diffusers",
+        choices=("diffusers", "single-file", "lora"),
+        help="diffusers: pipeline folder (default); single-file: one .safetensors in the "
+        "original SD layout (A1111, ComfyUI) plus NAME.scheduler.json; lora: the student as "
+        "a LoRA on its teacher (--lora-rank, --lora-keys)",
+    )
+    p.add_argument(
+        "--lora-rank", default="full", help="with --format lora: a rank, or 'full' (exact; default)"
+    )
+    p.add_argument(
+        "--lora-keys",
+        default="peft",
+        choices=("peft", "kohya"),
+        help="with --format lora: peft (diffusers load_lora_weights) or kohya (ComfyUI, A1111)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -117,28 +137,33 @@ def register(subparsers) -> None:
 
 
 def _export(args) -> int:
-    from .export import check_export_output, export_student
+    from .export_formats import export
 
-    if args.checkpoint:
-        from wadi.distill.export import export_checkpoint
-
-        out = export_checkpoint(
-            args.checkpoint, args.out, use_ema=args.ema, dtype=args.dtype, overwrite=args.overwrite
-        )
-        print(f"wrote pipeline to {out}")
-        return 0
-    if not args.adapter:
+    if args.checkpoint is None and not args.adapter:
         raise ValueError("--teacher needs --adapter (a student LoRaD adapter folder)")
-    check_export_output(args.out, args.overwrite, args.teacher, args.adapter)
-    out = export_student(
-        args.teacher,
-        args.adapter,
+    fmt = getattr(args, "format", "diffusers")
+    out, info = export(
         args.out,
-        args.alpha_bar_T,
+        fmt=fmt,
+        teacher=args.teacher,
+        adapter=args.adapter,
+        checkpoint=args.checkpoint,
+        use_ema=args.ema,
+        alpha_bar_T=args.alpha_bar_T,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        lora_rank=getattr(args, "lora_rank", "full"),
+        lora_keys=getattr(args, "lora_keys", "peft"),
     )
-    print(f"wrote pipeline to {out}")
+    if fmt == "single-file":
+        print(f"wrote single-file checkpoint to {out}; sample it with {info['summary']}")
+    elif fmt == "lora":
+        print(
+            f"wrote LoRA ({info['keys']} keys, rank {info['rank']}, {info['layers']} layers) to "
+            f"{out}; relative weight error {info['relative_to_change']:.3g} of the student's change"
+        )
+    else:
+        print(f"wrote pipeline to {out}")
     return 0
 
 

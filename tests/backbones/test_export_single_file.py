@@ -1,0 +1,241 @@
+"""Single-file (original SD layout) exports load back through stock ``from_single_file``."""
+
+import json
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from wadi import lorad
+from wadi.backbones import load_backbone
+from wadi.backbones.export_single_file import (
+    check_round_trip,
+    clip_key_map,
+    note_path,
+    read_pipeline_folder,
+    save_single_file,
+    to_single_file,
+    unet_key_map,
+    vae_key_map,
+)
+from wadi.cli import main
+from wadi.testing import attach_random_adapter, make_tiny_sdxl
+
+PROMPTS = ["a photo of a cat", "red car"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("teachers") / "sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd_student(sd_dir, tmp_path_factory):
+    """A random LoRaD student adapter of the tiny SD teacher, saved as a folder."""
+    b = load_backbone(sd_dir)
+    attach_random_adapter(b.denoiser, b.student_preset, rank=2, seed=3)
+    folder = tmp_path_factory.mktemp("adapters") / "student"
+    lorad.save_adapter(b.denoiser, folder, "student")
+    return folder
+
+
+def _one_step(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(len(PROMPTS))]
+    out = pipe(
+        PROMPTS, num_inference_steps=1, guidance_scale=1.0, generator=generators, output_type="pt"
+    )
+    return out.images
+
+
+def test_single_file_loads_back_and_equals_the_diffusers_student(sd_dir, sd_student, tmp_path):
+    folder, single = tmp_path / "pipe", tmp_path / "student.safetensors"
+    argv = ["export", "--teacher", str(sd_dir), "--adapter", str(sd_student)]
+    assert main([*argv, "--out", str(folder)]) == 0
+    assert main([*argv, "--format", "single-file", "--out", str(single)]) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp left behind"
+    with safe_open(str(single), framework="pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert all(
+        k.startswith(
+            (
+                "model.diffusion_model.",
+                "first_stage_model.",
+                "cond_stage_model.transformer.text_model.",
+            )
+        )
+        for k in keys
+    )
+
+    note = json.loads(note_path(single).read_text())
+    assert note["steps"] == 1 and note["timesteps"] == [999] and note["cfg"] == 1.0
+    assert note["diffusers_scheduler"]["timestep_spacing"] == "trailing"
+
+    stock = StableDiffusionPipeline.from_pretrained(folder)
+    # offline: the teacher folder gives the configs; the student's 1-step scheduler is passed
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(single), config=str(sd_dir), local_files_only=True, scheduler=stock.scheduler
+    )
+    assert isinstance(loaded.scheduler, DDIMScheduler)
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(stock, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(got) == set(want), name
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{name}.{key}"
+    teacher = StableDiffusionPipeline.from_pretrained(sd_dir)
+    teacher.scheduler = stock.scheduler
+    ref, out = _one_step(stock), _one_step(loaded)
+    assert not torch.allclose(_one_step(teacher), ref, atol=1e-3), "the student must differ"
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_single_file_refuses_bad_outputs(sd_dir, sd_student, tmp_path, capsys):
+    argv = ["export", "--teacher", str(sd_dir), "--adapter", str(sd_student)]
+    argv += ["--format", "single-file"]
+    assert main([*argv, "--out", str(tmp_path / "student")]) != 0
+    assert "must end in .safetensors" in capsys.readouterr().err
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep")
+    assert main([*argv, "--out", str(taken)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert taken.read_bytes() == b"keep"
+    assert main([*argv, "--out", str(sd_dir / "unet" / "x.safetensors")]) != 0
+    assert "destroy the input" in capsys.readouterr().err
+    assert not (sd_dir / "unet" / "x.safetensors").exists()
+
+
+def _coverage(states, configs, kind):
+    """Each diffusers tensor maps to one LDM key; only OpenCLIP's q/k/v share one."""
+    ldm = to_single_file(states, configs, kind)
+    total = sum(len(s) for s in states.values())
+    fused = sum(1 for k in ldm if ".attn.in_proj_" in k)
+    assert len(ldm) == total - 2 * fused
+    assert check_round_trip(states, configs, kind) == total
+    return ldm
+
+
+def test_tiny_key_maps_cover_every_tensor_once(sd_dir, sdxl_dir):
+    states, configs, kind = read_pipeline_folder(sd_dir)
+    names = unet_key_map(states["unet"], configs["unet"])
+    assert len(set(names.values())) == len(names) == len(states["unet"])
+    assert len(set(vae_key_map(states["vae"], configs["vae"]).values())) == len(states["vae"])
+    assert len(set(clip_key_map(states["text_encoder"]).values())) == len(states["text_encoder"])
+    _coverage(states, configs, kind)
+    states, configs, kind = read_pipeline_folder(sdxl_dir)
+    assert kind == "sdxl"
+    ldm = _coverage(states, configs, kind)
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in ldm)
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.") for k in ldm)
+
+
+def test_round_trip_check_catches_a_wrong_name(sd_dir, monkeypatch):
+    from wadi.backbones import export_single_file as sf
+
+    states, configs, kind = read_pipeline_folder(sd_dir)
+    monkeypatch.setitem(sf._RESNET_LEAVES, "conv1", "out_layers.3")  # conv1 and conv2 collide
+    with pytest.raises(RuntimeError):
+        check_round_trip(states, configs, kind)
+
+
+def _meta_state(module):
+    return {k: v for k, v in module.state_dict().items()}
+
+
+def test_real_sd15_and_sdxl_architectures_map_to_the_original_layout():
+    """Full-size architectures on the meta device: the keys diffusers' detector knows."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                vocab_size=49408,
+            )
+        )
+    states = {"unet": _meta_state(unet), "vae": _meta_state(vae), "text_encoder": _meta_state(clip)}
+    configs = {
+        "unet": dict(unet.config),
+        "vae": dict(vae.config),
+        "text_encoder": clip.config.to_dict(),
+    }
+    ldm = _coverage(states, configs, "sd")
+    assert len([k for k in ldm if k.startswith("model.diffusion_model.")]) == 686
+    assert len([k for k in ldm if k.startswith("first_stage_model.")]) == 248
+    assert infer_diffusers_model_type(ldm) == "v1"
+    assert ldm["model.diffusion_model.output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert ldm["model.diffusion_model.input_blocks.3.0.op.weight"].shape == (320, 320, 3, 3)
+    assert ldm["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        clip_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                max_position_embeddings=77,
+                vocab_size=49408,
+                projection_dim=1280,
+                hidden_act="gelu",
+            )
+        )
+    states.update(unet=_meta_state(unet), text_encoder_2=_meta_state(clip_2))
+    configs.update(unet=dict(unet.config), text_encoder_2=clip_2.config.to_dict())
+    ldm = _coverage(states, configs, "sdxl")
+    assert infer_diffusers_model_type(ldm) == "xl_base"
+    assert len([k for k in ldm if k.startswith("model.diffusion_model.")]) == 1680
+    assert ldm[
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    ].shape == (3840, 1280)
+
+
+def test_sdxl_single_file_loads_back_exactly(sdxl_dir, tmp_path):
+    single = save_single_file(sdxl_dir, tmp_path / "xl.safetensors")
+    ref = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    loaded = StableDiffusionXLPipeline.from_single_file(
+        str(single), config=str(sdxl_dir), local_files_only=True
+    )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(ref, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(got) == set(want), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_single_file_dtype(sd_dir, tmp_path):
+    single = save_single_file(sd_dir, tmp_path / "half.safetensors", dtype="fp16")
+    with safe_open(str(single), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16"}
