@@ -422,6 +422,61 @@ def make_tiny_sd3(
     return directory
 
 
+def make_tiny_flux(directory: str | Path, guidance: bool = True, seed: int = 0) -> Path:
+    """A tiny ``FluxPipeline`` folder (random weights, FLUX.1's layout and schedule).
+
+    ``guidance=True``: FLUX.1-dev-like (guidance embedding, dynamic shifting with dev's
+    base/max shift); ``False``: FLUX.1-schnell-like (no guidance input, static shift 1).
+    ``text_encoder``: a 16-wide CLIPTextModel (pooled 16); ``text_encoder_2``: a 32-wide T5
+    (``joint_attention_dim``).  One double-stream and one single-stream block, 2 heads of
+    16 (rotary axes 4 + 6 + 6); the VAE has 16 latent channels and FLUX's scaling/shift.
+    """
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        text_encoder, tokenizer = tiny_clip(Path(tmp) / "one", hidden_size=16, seed=seed)
+        text_encoder_2, tokenizer_2 = tiny_t5(Path(tmp) / "two", d_model=32, seed=seed + 4)
+    _seeded(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    if guidance:  # FLUX.1-dev's scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_flow_vae(seed=seed + 1, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
 def make_tiny_pixart(
     directory: str | Path, sample_size: int = 8, scheduler: str = "DDPMScheduler", seed: int = 0
 ) -> Path:

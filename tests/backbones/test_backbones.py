@@ -269,10 +269,10 @@ def test_load_errors(sd_dir, tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture.*UNet2DConditionModel"):
         load_backbone(sdxl)
 
-    other = tmp_path / "flux"
+    other = tmp_path / "sana"
     (other / "transformer").mkdir(parents=True)
-    (other / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
-    with pytest.raises(ValueError, match="unsupported architecture.*FluxTransformer2DModel"):
+    (other / "transformer" / "config.json").write_text('{"_class_name": "SanaTransformer2DModel"}')
+    with pytest.raises(ValueError, match="unsupported architecture.*SanaTransformer2DModel"):
         load_backbone(other)
 
 

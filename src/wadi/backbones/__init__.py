@@ -18,6 +18,7 @@ _EXPORTS = {
     "PixArtBackbone": "pixart",
     "SDXLBackbone": "sdxl",
     "SD3Backbone": "sd3",
+    "FluxBackbone": "flux",
     "alpha_bar_from_scheduler": "onestep",
     "one_step": "onestep",
     "x0_from_eps": "onestep",

@@ -200,6 +200,9 @@ def pipeline_call(backbone, generator) -> dict:
     if backbone.kind == "pixart":
         # the stock default maps a request to the nearest trained aspect bucket
         call["use_resolution_binning"] = False
+    if backbone.kind == "flux" and getattr(backbone, "guidance", None) is not None:
+        # FLUX.1-dev's guidance embedding: the value the student was trained with
+        call["guidance_scale"] = float(backbone.guidance)
     return call
 
 

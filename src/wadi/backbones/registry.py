@@ -45,12 +45,13 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
 
 def builtin_backbones() -> list[type[Backbone]]:
     """wadi's own architectures, most specific first (imported on first use)."""
+    from .flux import FluxBackbone
     from .pixart import PixArtBackbone
     from .sd import SDUNetBackbone
     from .sd3 import SD3Backbone
     from .sdxl import SDXLBackbone
 
-    return [SDUNetBackbone, SDXLBackbone, PixArtBackbone, SD3Backbone]
+    return [SDUNetBackbone, SDXLBackbone, PixArtBackbone, SD3Backbone, FluxBackbone]
 
 
 def registered_backbones() -> list[type[Backbone]]:

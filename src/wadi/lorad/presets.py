@@ -10,6 +10,8 @@
 | pixart-fake       | 32   | every nn.Linear under transformer_blocks                      |
 | sd3-student       | 128  | every nn.Linear under transformer_blocks                      |
 | sd3-fake          | 32   | every nn.Linear under transformer_blocks                      |
+| flux-student      | 128  | every nn.Linear under (single_)transformer_blocks             |
+| flux-fake         | 32   | every nn.Linear under (single_)transformer_blocks             |
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 from .config import LoRaDConfig
 
 _UNET_BLOCKS = r"(down_blocks|mid_block|up_blocks)\..+"
+_FLUX_BLOCKS = r"(transformer_blocks|single_transformer_blocks)\..+"
 
 PRESETS: dict[str, LoRaDConfig] = {
     "sd-unet-student": LoRaDConfig(rank=256, target_modules=_UNET_BLOCKS),
@@ -41,6 +44,9 @@ PRESETS: dict[str, LoRaDConfig] = {
     # SD3/SD3.5: PixArt's fake-score choice (the MMDiT blocks, both streams) at both ranks
     "sd3-student": LoRaDConfig(rank=128, target_modules=r"transformer_blocks\..+"),
     "sd3-fake": LoRaDConfig(rank=32, target_modules=r"transformer_blocks\..+"),
+    # FLUX.1: the same on both block stacks (double-stream and single-stream)
+    "flux-student": LoRaDConfig(rank=128, target_modules=_FLUX_BLOCKS),
+    "flux-fake": LoRaDConfig(rank=32, target_modules=_FLUX_BLOCKS),
 }
 
 
