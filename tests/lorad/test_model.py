@@ -244,3 +244,18 @@ def test_save_does_not_leave_partial_files_on_failure(tmp_path, monkeypatch):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_select_layers_is_the_one_matching_rule_for_plain_and_wrapped_models():
+    """attach, adapter loading and the baselines share it: same names before and after wrapping."""
+    from wadi.lorad import select_layers
+
+    model = tiny_unet()
+    fake_cfg = preset("sd-unet-fake", rank=2)
+    before = [name for name, _ in select_layers(model, fake_cfg)]
+    assert before and not any(n.endswith(("proj_in", "proj_out", "time_emb_proj")) for n in before)
+    attach(model, preset("sd-unet-student", rank=2), "student")
+    after = select_layers(model, fake_cfg)
+    assert [name for name, _ in after] == before
+    assert all(isinstance(layer, torch.nn.Linear) for _, layer in after)  # the base layers
+    assert set(before) < {name for name, _ in select_layers(model, preset("sd-unet-student"))}

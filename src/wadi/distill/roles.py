@@ -73,16 +73,13 @@ class Roles:
 
     # -- baselines -----------------------------------------------------------
     def _preset_layer_names(self, model: nn.Module) -> list[str]:
-        """Names of the layers the student preset selects in ``model`` (wrapped: the base layer)."""
-        kinds = (nn.Linear, nn.Conv2d) if self.student_config.include_conv else (nn.Linear,)
-        names = []
-        for name, module in model.named_modules():
-            if "base_layer" in name.split("."):
-                continue
-            target = module.base_layer if isinstance(module, lorad.LoRaDLayer) else module
-            if isinstance(target, kinds) and self.student_config.matches(name):
-                names.append(f"{name}.base_layer" if isinstance(module, lorad.LoRaDLayer) else name)
-        return names
+        """Module names of the plain layers the student preset selects in ``model``
+        (``lorad.select_layers``, the one matching rule; wrapped ones by ``.base_layer``)."""
+        wrapped = {name for name, _ in lorad.lorad_layers(model)}
+        return [
+            f"{name}.base_layer" if name in wrapped else name
+            for name, _ in lorad.select_layers(model, self.student_config)
+        ]
 
     def _attach_peft(self, use_dora: bool, rank: int) -> None:
         """PEFT LoRA/DoRA on exactly the layers the LoRaD student preset selects."""

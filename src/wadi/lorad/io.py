@@ -173,20 +173,13 @@ def _expected_shapes(
                 shapes[f"{name}.lorad_A"] = list(layer.lorad_A[adapter_name].shape)
                 shapes[f"{name}.lorad_B"] = list(layer.lorad_B[adapter_name].shape)
         return shapes
-    from .layer import LoRaDLayer
+    from .model import select_layers
 
-    for name, module in model.named_modules():
-        base = module.base_layer if isinstance(module, LoRaDLayer) else module
-        if "base_layer" in name.split(".") and not isinstance(module, LoRaDLayer):
-            continue
-        supported = isinstance(base, nn.Linear) or (
-            config.include_conv and isinstance(base, nn.Conv2d)
-        )
-        if supported and config.matches(name):
-            out_features = base.weight.shape[0]
-            pairs = base.weight[0].numel() // 2
-            shapes[f"{name}.lorad_A"] = [out_features, config.rank]
-            shapes[f"{name}.lorad_B"] = [config.rank, pairs]
+    for name, base in select_layers(model, config):
+        out_features = base.weight.shape[0]
+        pairs = base.weight[0].numel() // 2
+        shapes[f"{name}.lorad_A"] = [out_features, config.rank]
+        shapes[f"{name}.lorad_B"] = [config.rank, pairs]
     return shapes
 
 

@@ -57,6 +57,26 @@ def _supported(module: nn.Module, config: LoRaDConfig) -> bool:
     return isinstance(module, nn.Linear) or (config.include_conv and isinstance(module, nn.Conv2d))
 
 
+def select_layers(model: nn.Module, config: LoRaDConfig) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every layer ``config`` selects in ``model``: the one place the
+    matching rule lives (attach, adapter loading and the PEFT/full baselines use it).
+
+    ``layer`` is the plain ``nn.Linear``/``nn.Conv2d`` (for a layer already wrapped by
+    LoRaD: the wrapper's ``base_layer``, named by the wrapper's name, which is what
+    ``target_modules`` patterns and adapter files refer to).
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRaDLayer):
+            if config.matches(name) and _supported(module.base_layer, config):
+                found.append((name, module.base_layer))
+        elif (
+            _supported(module, config) and config.matches(name) and not _inside_wrapper(model, name)
+        ):
+            found.append((name, module))
+    return found
+
+
 def attach(
     model: nn.Module,
     config: LoRaDConfig,
@@ -79,15 +99,7 @@ def attach(
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already attached; pick another name")
 
-    targets = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoRaDLayer):
-            if config.matches(name) and _supported(module.base_layer, config):
-                targets.append((name, module))
-        elif (
-            _supported(module, config) and config.matches(name) and not _inside_wrapper(model, name)
-        ):
-            targets.append((name, module))
+    targets = [(name, model.get_submodule(name)) for name, _ in select_layers(model, config)]
     if not targets:
         raise ValueError(
             f"LoRaD config matched no layer (target_modules={config.target_modules!r}, "
