@@ -188,3 +188,46 @@ def test_controlnet_for_another_unet_is_refused(setup):
     with pytest.raises(ValueError, match="cross_attention_dim=24, this one has 16"):
         with controlled(backbone.denoiser, [Control(other, setup["img"][0])]):
             pass
+
+
+def test_blurred_mask_and_follow_scores_on_hand_examples():
+    from wadi.toy.controlnet import blurred_mask, follow_scores
+
+    image = -torch.ones(1, 1, 16, 16)
+    image[..., 6:10, 6:10] = 1.0
+    mask = blurred_mask(image, sigma=1.0)
+    assert mask.shape == image.shape and float(mask.max()) == 1.0 and float(mask.min()) >= 0
+    assert mask[0, 0, 8, 8] > 0.9 and mask[0, 0, 0, 0] == 0 and 0 < mask[0, 0, 5, 8] < 0.9
+    same = follow_scores(image, image, (image + 1) / 2)
+    assert same["iou"] == 1.0 and abs(same["corr"] - 1.0) < 1e-12
+    half = image.clone()
+    half[..., 6:10, 8:10] = -1.0  # half the ink: IoU 8 / 16
+    assert follow_scores(half, image, mask)["iou"] == 0.5
+    assert follow_scores(-image, image, (image + 1) / 2)["corr"] < -0.99
+
+
+@pytest.mark.slow  # loads and trains the digits teacher: ~10-25 s on 2 shared cores
+def test_toy_train_controlnet_writes_a_stock_controlnet(tmp_path, capsys):
+    from diffusers import ControlNetModel
+
+    from wadi.toy import TEACHER_DIR
+    from wadi.toy.controlnet import blurred_mask
+
+    out = tmp_path / "cn"
+    assert main(["toy", "train-controlnet", "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--no-progress", "--threads", "1"]) == 0  # fmt: skip
+    cn = ControlNetModel.from_pretrained(out)
+    assert cn.config.conditioning_channels == 1
+    assert json.loads((out / "training_config.json").read_text())["config"]["steps"] == 2
+    teacher = load_backbone(TEACHER_DIR)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompts(["a 3", "a 4"])
+    condition = blurred_mask(x)
+    with torch.no_grad():
+        plain = teacher.predict(x, 500, cond)
+        with controlled(teacher.denoiser, [Control(cn, condition)]):
+            guided = teacher.predict(x, 500, cond)
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)  # trained zero convs
+    capsys.readouterr()
+    assert main(["toy", "train-controlnet", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err

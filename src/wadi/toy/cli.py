@@ -87,6 +87,20 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_train_evaluator)
 
+    p = sub.add_parser(
+        "train-controlnet",
+        help="train a digits ControlNet (condition: the digit's blurred mask) for the teacher",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="ControlNetModel folder to write")
+    p.add_argument("--teacher", metavar="DIR", help="teacher folder (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (600)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    p.add_argument("--blur-sigma", type=float, default=1.5, help="mask blur in pixels (1.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    _common(p)
+    p.set_defaults(func=_train_controlnet)
+
     p = sub.add_parser("eval-teacher", help="FD and prompt accuracy of a teacher's DDIM samples")
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (default: the shipped one)")
     p.add_argument("--samples", type=int, default=500, help="samples, digits 0-9 in turn (500)")
@@ -250,6 +264,34 @@ def _train_evaluator(args) -> int:
         )
     print(json.dumps(summary, indent=2))
     print(f"evaluator written to {out}")
+    return 0
+
+
+def _train_controlnet(args) -> int:
+    from wadi.cli import UserError
+    from wadi.files import output_errors
+
+    from . import TEACHER_DIR
+    from .controlnet import ControlNetTrainConfig, train_controlnet
+
+    config = ControlNetTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        blur_sigma=args.blur_sigma,
+        seed=args.seed,
+    )
+    try:
+        config.validate()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    out = _prepare(args)
+    with output_errors(out):
+        summary = train_controlnet(
+            out, args.teacher or TEACHER_DIR, config, progress=not args.no_progress
+        )
+    print(json.dumps(summary, indent=2))
+    print(f"ControlNet written to {out}")
     return 0
 
 
