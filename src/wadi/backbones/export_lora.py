@@ -11,7 +11,8 @@ in ``down`` (``(r, in, kh, kw)``) and get a 1x1 ``up``, as PEFT and kohya's LoRA
 Two key layouts: ``"peft"`` (``unet.<module>.lora_A.weight`` / ``lora_B.weight``, written
 by the stock ``save_lora_weights``; no alphas, so every module has scale 1) and
 ``"kohya"`` (``lora_unet_<module_with_underscores>.lora_down.weight`` / ``lora_up.weight``
-/ ``alpha`` with ``alpha = rank``, what ComfyUI and A1111 read).  Both load with
+/ ``alpha``, what ComfyUI and A1111 read; one alpha for all modules, each ``up`` scaled so
+``alpha / rank * up @ down`` is the layer's change).  Both load with
 ``pipe.load_lora_weights``.
 """
 
