@@ -183,21 +183,32 @@ def test_export_is_a_stock_flux_pipeline_equal_to_the_generator(
     torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_multi_step_export_writes_flow_lcm_and_stock_sigmas(dev, tmp_path):
-    """The scheduler and sigmas of a few-step FLUX student (FluxPipeline draws the re-noising
-    noise in packed layout from torch's global RNG, so samples are not compared)."""
+def test_multi_step_export_is_flow_lcm_with_the_generators_sigmas(dev, tmp_path):
+    """A few-step FLUX export: FlowMatchLCM at the generator's sigmas.  The stock call draws
+    the re-noising noise from torch's global RNG in packed layout, so wadi's generator is
+    given that same noise, unpacked, to compare samples."""
     generator = MultiStep([999, 499])
     dev.resolution = 16
     try:
         out = save_pipeline(dev, dev.denoiser, tmp_path / "pipe", generator=generator)
         call = pipeline_call(dev, generator)
-        scheduler = _stock(out).scheduler
-        assert type(scheduler) is FlowMatchLCMScheduler
-        scheduler.set_timesteps(sigmas=call["sigmas"], mu=dev.mu())
+        pipe = _stock(out)
+        assert type(pipe.scheduler) is FlowMatchLCMScheduler
+        z = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(7))
+        packed_noise = torch.randn((2, 16, 64), generator=torch.Generator().manual_seed(11))
+        noise = FluxPipeline._unpack_latents(packed_noise, 16, 16, 2)
+        with torch.no_grad():
+            ours = generator.train_sample(dev, z, dev.encode_prompts(PROMPTS), 1, noises=[noise])
+        torch.manual_seed(11)
+        stock = pipe(
+            PROMPTS, latents=_pack(z), output_type="latent", height=16, width=16, **call
+        ).images
         expected = dev.parametrization.sigmas[[999, 499]].float()
-        torch.testing.assert_close(scheduler.sigmas[:-1], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pipe.scheduler.sigmas[:-1], expected, rtol=0, atol=1e-6)
     finally:
         dev.resolution = 256
+    stock = FluxPipeline._unpack_latents(stock, 16, 16, 2)
+    torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_resolution_is_one_line(dev):

@@ -261,3 +261,11 @@ def test_presets_on_the_real_sd3_transformers():
     assert total == 8_056_627_520  # the published SD3.5-large transformer: 8.06B
     assert counts == {"student": 469_123_072, "fake": 117_280_768}
     assert layers == 529
+
+
+def test_16_bit_flow_teacher_gets_no_precision_warning(sd3_dirs):
+    """x0 = z - v(z, 1) divides by nothing: no 1/alpha_T warning (alpha_T is 0 here)."""
+    b = load_backbone(sd3_dirs["no-t5"], dtype=torch.bfloat16)
+    assert float(b.parametrization.alpha_sigma(torch.tensor([999]))[0]) == 0.0
+    assert OneStep().precision_warning(b) is None
+    assert MultiStep([999, 499]).precision_warning(b) is None

@@ -85,6 +85,8 @@ class Generator:
         if backbone.dtype not in (torch.float16, torch.bfloat16):
             return None
         param = self.parametrization(backbone)
+        if not isinstance(param, DiscreteParametrization):
+            return None  # flow matching: x0 = x - s v divides by nothing (alpha_T is 0)
         alpha, _ = param.alpha_sigma(torch.tensor([self.timesteps[0]]))
         gain = 1.0 / float(alpha[0])
         if gain <= 30:
