@@ -239,3 +239,57 @@ def test_single_file_dtype(sd_dir, tmp_path):
     with safe_open(str(single), framework="pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"F16"}
+
+
+# ---- --dtype: the teacher's stored dtype by default, stock variant names for fp16 ----
+
+
+@pytest.fixture(scope="module")
+def sd16(sd_dir, tmp_path_factory):
+    """An fp16-stored copy of the tiny teacher and a student adapter for it."""
+    root = tmp_path_factory.mktemp("fp16")
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, torch_dtype=torch.float16)
+    pipe.save_pretrained(root / "teacher")
+    b = load_backbone(root / "teacher")
+    attach_random_adapter(b.denoiser, b.student_preset, rank=2, seed=3)
+    lorad.save_adapter(b.denoiser, root / "adapter", "student")
+    return root / "teacher", root / "adapter"
+
+
+def _file_dtypes(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_export_dtype_defaults_to_the_teachers_with_variant_names(sd16, tmp_path):
+    from wadi.backbones.export_formats import stored_dtype
+
+    teacher, adapter = sd16
+    assert stored_dtype(teacher) == torch.float16
+    out = tmp_path / "pipe"
+    assert (
+        main(["export", "--teacher", str(teacher), "--adapter", str(adapter), "--out", str(out)])
+        == 0
+    )
+    weights = out / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    plain = out / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and not weights.is_symlink() and _file_dtypes(weights) == {"F16"}
+    assert plain.is_symlink() and plain.resolve() == weights.resolve()
+    assert (out / "text_encoder" / "model.fp16.safetensors").is_file()
+    assert json.loads((out / "wadi_export.json").read_text())["variant"] == "fp16"
+    stock = StableDiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    assert stock.unet.dtype == torch.float16
+    b = load_backbone(out)  # variant-less loaders read the same file through the link
+    assert set(b.denoiser.state_dict()) == set(stock.unet.state_dict())
+
+    out32 = tmp_path / "pipe32"
+    argv = ["export", "--teacher", str(teacher), "--adapter", str(adapter), "--dtype", "fp32"]
+    assert main([*argv, "--out", str(out32)]) == 0
+    plain = out32 / "unet" / "diffusion_pytorch_model.safetensors"
+    assert not plain.is_symlink() and _file_dtypes(plain) == {"F32"}
+    assert not list(out32.glob("*/*.fp16.safetensors"))
+    # the fp16 export is the fp32 one rounded
+    half = load_backbone(out).denoiser.state_dict()
+    full = load_backbone(out32).denoiser.state_dict()
+    for key, value in full.items():
+        torch.testing.assert_close(half[key], value.half().float(), rtol=0, atol=0)
