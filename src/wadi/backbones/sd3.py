@@ -104,9 +104,13 @@ class SD3Backbone(Backbone):
         import transformers
 
         path = Path(path)
-        needed = ["text_encoder/config.json", "tokenizer", "text_encoder_2/config.json"]
-        needed.append("tokenizer_2")
-        if t5 and (path / "text_encoder_3").exists():
+        needed = [
+            "text_encoder/config.json",
+            "tokenizer",
+            "text_encoder_2/config.json",
+            "tokenizer_2",
+        ]
+        if t5 and (path / "text_encoder_3").exists():  # present: then it must be whole
             needed += ["text_encoder_3/config.json", "tokenizer_3"]
         missing = [n for n in needed if not (path / n).exists()]
         if missing:
@@ -116,8 +120,7 @@ class SD3Backbone(Backbone):
                 "StableDiffusion3Pipeline folder)"
             )
         parts: dict = {"text_encoder_3": None, "tokenizer_3": None}
-        folders = [("text_encoder", "CLIPTextModelWithProjection")]
-        folders.append(("text_encoder_2", "CLIPTextModelWithProjection"))
+        folders = [(f, "CLIPTextModelWithProjection") for f in ("text_encoder", "text_encoder_2")]
         if t5 and cls.has_t5(path):
             folders.append(("text_encoder_3", "T5EncoderModel"))
         for folder, default in folders:
