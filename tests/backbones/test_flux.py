@@ -271,3 +271,12 @@ def test_presets_on_the_real_flux_dev_transformer():
     assert total == 11_901_408_320  # the published FLUX.1-dev transformer: 11.9B
     assert counts == {"student": 537_919_488, "fake": 134_479_872}
     assert layers == 494  # every Linear of the 19 + 38 blocks (504 in all)
+
+
+def test_export_without_text_encoders_in_memory_reads_both_from_the_teacher(flux_dirs, tmp_path):
+    b = load_backbone(flux_dirs["schnell"], load_text_encoder=False)
+    assert b.text_encoder is None and b.text_encoder_2 is None
+    out = save_pipeline(b, b.denoiser, tmp_path / "pipe")
+    pipe = _stock(out)
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.text_encoder_2).__name__ == "T5EncoderModel"
