@@ -293,3 +293,27 @@ def test_export_dtype_defaults_to_the_teachers_with_variant_names(sd16, tmp_path
     full = load_backbone(out32).denoiser.state_dict()
     for key, value in full.items():
         torch.testing.assert_close(half[key], value.half().float(), rtol=0, atol=0)
+
+
+def test_sd2_text_encoder_uses_the_open_clip_layout(sd_dir, tmp_path):
+    """A gelu (OpenCLIP ViT-H-like) text encoder is written as SD 2.x's cond_stage_model.model."""
+    import shutil
+
+    teacher = tmp_path / "sd2"
+    shutil.copytree(sd_dir, teacher)
+    config_path = teacher / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    assert read_pipeline_folder(teacher)[2] == "sd2"
+    single = save_single_file(teacher, tmp_path / "sd2.safetensors")
+    with safe_open(str(single), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith("cond_stage_model.")]
+    assert keys and all(k.startswith("cond_stage_model.model.") for k in keys)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    ref = StableDiffusionPipeline.from_pretrained(teacher)
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(single), config=str(teacher), local_files_only=True
+    )
+    want, got = ref.text_encoder.state_dict(), loaded.text_encoder.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)

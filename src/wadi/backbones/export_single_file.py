@@ -52,6 +52,7 @@ VAE_PREFIX = "first_stage_model."
 SD_CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 _RESNET_LEAVES = {
     "norm1": "in_layers.0",
@@ -181,7 +182,10 @@ def clip_key_map(keys) -> dict[str, str]:
     transformers >= 5.6 stores the text model flat (no ``text_model.``); the LDM layout
     (and diffusers' forward converter) always has it.
     """
-    return {k: k if k.startswith("text_model.") else f"text_model.{k}" for k in keys}
+    keys = list(keys)
+    if any(k.startswith("text_model.") for k in keys):
+        return {k: k for k in keys}
+    return {k: f"text_model.{k}" for k in keys}
 
 
 def open_clip_key_map(keys) -> dict[str, str]:
@@ -218,7 +222,8 @@ def _components(kind: str) -> list[tuple[str, str]]:
             ("text_encoder", SDXL_CLIP_PREFIX),
             ("text_encoder_2", SDXL_OPEN_CLIP_PREFIX),
         ]
-    return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SD_CLIP_PREFIX)]
+    clip = SD2_OPEN_CLIP_PREFIX if kind == "sd2" else SD_CLIP_PREFIX
+    return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", clip)]
 
 
 def _key_map(component: str, state: dict, config: dict, kind: str) -> dict[str, str]:
@@ -226,9 +231,11 @@ def _key_map(component: str, state: dict, config: dict, kind: str) -> dict[str, 
         return unet_key_map(state, config)
     if component == "vae":
         return vae_key_map(state, config)
-    if component == "text_encoder_2" and kind == "sdxl":
-        return open_clip_key_map(state)
-    return clip_key_map(state)
+    names = clip_key_map(state)
+    if (component, kind) in (("text_encoder_2", "sdxl"), ("text_encoder", "sd2")):
+        opened = open_clip_key_map(names.values())
+        return {key: opened[name] for key, name in names.items()}
+    return names
 
 
 def to_single_file(states: dict[str, dict], configs: dict[str, dict], kind: str = "sd") -> dict:
@@ -280,8 +287,12 @@ def _forward(ldm: dict, configs: dict, kind: str) -> dict[str, dict]:
     back = {
         "unet": convert_ldm_unet_checkpoint(ldm, configs["unet"]),
         "vae": convert_ldm_vae_checkpoint(ldm, configs["vae"]),
-        "text_encoder": convert_ldm_clip_checkpoint(ldm),
     }
+    if kind == "sd2":
+        model = SimpleNamespace(config=SimpleNamespace(**configs["text_encoder"]))
+        back["text_encoder"] = convert_open_clip_checkpoint(model, ldm, prefix=SD2_OPEN_CLIP_PREFIX)
+    else:
+        back["text_encoder"] = convert_ldm_clip_checkpoint(ldm)
     if kind == "sdxl":
         model = SimpleNamespace(config=SimpleNamespace(**configs["text_encoder_2"]))
         back["text_encoder_2"] = convert_open_clip_checkpoint(
@@ -337,7 +348,11 @@ def _component_files(folder: Path) -> list[Path]:
 
 
 def read_pipeline_folder(folder: str | os.PathLike) -> tuple[dict, dict, str]:
-    """(states, configs, kind) of a diffusers SD / SDXL folder, read from its safetensors."""
+    """(states, configs, kind) of a diffusers SD 1.x / 2.x / SDXL folder, from its safetensors.
+
+    ``kind``: ``"sd"`` (CLIP-L text encoder), ``"sd2"`` (OpenCLIP text encoder, gelu) or
+    ``"sdxl"``.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -369,6 +384,8 @@ def read_pipeline_folder(folder: str | os.PathLike) -> tuple[dict, dict, str]:
         for file in files:
             states[component].update(load_file(str(file)))
         configs[component] = json.loads((sub / "config.json").read_text())
+    if kind == "sd" and configs["text_encoder"].get("hidden_act") == "gelu":
+        kind = "sd2"  # OpenCLIP ViT-H (gelu; OpenAI's CLIP-L uses quick_gelu): OpenCLIP keys
     return states, configs, kind
 
 
@@ -383,7 +400,15 @@ def scheduler_note(folder: str | os.PathLike) -> dict:
         "num_inference_steps": len(timesteps),
         "guidance_scale": 1.0,
     }
+    caveat = None
+    if scheduler.get("trained_betas") is not None:
+        caveat = (
+            "the scheduler's betas differ from the teacher's (a trained alpha_bar_T or a "
+            "timestep below 999): a UI sampling with the teacher's schedule feeds the model "
+            "a slightly different noise level; diffusers with diffusers_scheduler is exact"
+        )
     return {
+        "caveat": caveat,
         "steps": len(timesteps),
         "timesteps": timesteps,
         "cfg": 1.0,
@@ -439,7 +464,7 @@ def save_single_file(
     }
     note = scheduler_note(pipeline_dir)
     note["file"] = out.name
-    note["layout"] = "original Stable Diffusion (LDM) keys" + (" , SDXL" if kind == "sdxl" else "")
+    note["layout"] = "original Stable Diffusion (LDM) keys" + (", SDXL" if kind == "sdxl" else "")
     with writing_output(out), atomic_file(out) as tmp:
         save_file(
             ldm,
