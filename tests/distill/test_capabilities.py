@@ -168,3 +168,12 @@ def test_bad_generator_timesteps_are_one_line(teachers, prompts, tmp_path):
         tiny_config(teachers["sd-eps"], prompts, tmp_path / "x", generator_timesteps=[499, 999])
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         tiny_config(teachers["sd-eps"], prompts, tmp_path / "x", gradient_accumulation_steps=0)
+
+
+def test_native_resolution_of_backbones_without_sample_size(tmp_path):
+    """FLUX's transformer has no sample_size: the run takes the backbone's own resolution."""
+    from wadi.distill.report import native_resolution
+    from wadi.testing import make_tiny_flux
+
+    b = load_backbone(make_tiny_flux(tmp_path / "flux"))
+    assert native_resolution(b) == b.resolution

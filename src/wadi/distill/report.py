@@ -10,6 +10,9 @@ MAX_STUDENT_SHARE = 0.5
 
 def native_resolution(backbone) -> int:
     """The teacher's own image side: the denoiser's ``sample_size`` times the VAE factor."""
+    own = getattr(backbone, "resolution", None)  # backbones that know it (SDXL, FLUX)
+    if own:
+        return int(own)
     size = backbone.denoiser.config.sample_size
     if isinstance(size, (list, tuple)):
         size = size[0]

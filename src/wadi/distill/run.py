@@ -106,6 +106,12 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
     )
     if config.resolution is None:  # the teacher's own size, recorded in config.yaml
         config = config.replace(resolution=report.native_resolution(backbone))
+    if hasattr(backbone, "resolution"):  # SDXL's time ids, FLUX's resolution-dependent shift
+        backbone.resolution = config.resolution
+    if getattr(backbone, "guidance_embeds", False):
+        # a guidance-distilled teacher (FLUX.1-dev): teacher and fake are queried with the
+        # guidance input = guidance_scale; the fake's regression and the student use the same
+        backbone.guidance = config.guidance_scale
     generator = make_generator(config.timesteps, config.alpha_bar_T)
     generator.parametrization(backbone)  # one line now for a timestep the teacher lacks
     if is_main and (warning := generator.precision_warning(backbone)):
