@@ -158,6 +158,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan per process (weights, adapters, optimizer; no activations) "
+        "built on the meta device, and exit",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     p.set_defaults(func=run)
 
@@ -193,6 +199,11 @@ def run(args) -> int:
     config = resolve_config(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if args.dry_run:
+        from .plan import format_plan, plan_run
+
+        print(format_plan(plan_run(config)))
         return 0
     from .loop import train
     from .run_dir import resume_command
