@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_probe.py fu3 --distill '{"fake_updates": 3}'
     python benchmarks/recipe_probe.py conv --demo '{"include_conv": true, "fake_rank": 16}'
+    python benchmarks/recipe_probe.py gan --gan 0.05          # DMD2's GAN term on real digits
 
 ``--demo`` changes :class:`wadi.toy.demo.DemoConfig` fields, ``--distill`` fields of the
 :class:`wadi.distill.DistillConfig` it builds.  Prints one line per measurement (300 one-step
@@ -20,6 +21,20 @@ from pathlib import Path
 import torch
 
 
+def write_real_digits(folder: Path) -> Path:
+    """The training split's digits as 16x16 greyscale PNGs (the GAN term's real images)."""
+    from PIL import Image
+
+    from wadi.toy.data import load_digits_split
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_x = load_digits_split()[0]
+    for i, x in enumerate(train_x):
+        pixels = ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:05d}.png")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
@@ -29,6 +44,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--gan", type=float, default=0.0, help="GAN weight; the real images are training digits"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,14 +59,20 @@ def main() -> None:
     demo = dataclasses.replace(
         DemoConfig(), out_dir=str(out), progress=False, **json.loads(args.demo)
     )
+    changes = json.loads(args.distill)
+    if args.gan:
+        changes.update(gan_weight=args.gan, real_images=str(write_real_digits(out / "real")))
     config = distill_config(demo, write_prompts(out / "prompts.txt")).replace(
-        export_pipeline=False, **json.loads(args.distill)
+        export_pipeline=False, **changes
     )
     log = (out / "log.txt").open("w")
 
+    start = time.perf_counter()
+
     def measure(step, context):
         raw = student_metrics(context, args.samples)
-        line = f"{args.name} step {step} raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
+        elapsed = time.perf_counter() - start
+        line = f"{args.name} step {step} ({elapsed:.0f} s) raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
         if context["ema"] is not None and step > 0:
             ema = student_metrics(context, args.samples, use_ema=True)
             line += f" | ema FD {ema['fd']:.1f} acc {ema['accuracy']:.3f}"
@@ -56,7 +80,6 @@ def main() -> None:
         log.write(line + "\n")
         log.flush()
 
-    start = time.perf_counter()
     result = train(config, overwrite=True, callback=measure, callback_every=args.every)
     print(f"{args.name}: {result.seconds_per_step:.2f} s/step, {time.perf_counter() - start:.0f} s")
 
