@@ -317,3 +317,16 @@ def test_sd2_text_encoder_uses_the_open_clip_layout(sd_dir, tmp_path):
     want, got = ref.text_encoder.state_dict(), loaded.text_encoder.state_dict()
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_single_file_refuses_a_pixel_space_teacher_before_loading(tmp_path, capsys):
+    from wadi.toy import TEACHER_DIR
+
+    index = {"_class_name": "StableDiffusionPipeline", "vae": [None, None]}
+    (tmp_path / "pixel").mkdir()
+    (tmp_path / "pixel" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="pixel-space"):
+        read_pipeline_folder(tmp_path / "pixel")
+    argv = ["export", "--teacher", str(TEACHER_DIR), "--adapter", str(tmp_path / "none")]
+    assert main([*argv, "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) != 0
+    assert "single-file export supports" in capsys.readouterr().err

@@ -161,6 +161,11 @@ def export(
         check_export_output(out, overwrite, *inputs, teacher_dir)
     else:
         _check_file_out(out, overwrite, fmt, *inputs, teacher_dir)
+    index = Path(teacher_dir or "") / "model_index.json"
+    if fmt == "single-file" and teacher_dir and index.is_file():
+        from .export_single_file import check_single_file_source
+
+        check_single_file_source(json.loads(index.read_text()), teacher_dir)
     dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = (

@@ -347,6 +347,21 @@ def _component_files(folder: Path) -> list[Path]:
     return plain or files
 
 
+def check_single_file_source(index: dict, folder) -> None:
+    """Refuse a pipeline the original SD layout cannot hold (pixel space, other classes)."""
+    name = index.get("_class_name", "")
+    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ValueError(
+            f"{folder} holds a {name or 'unknown pipeline'}; single-file export supports "
+            "StableDiffusionPipeline and StableDiffusionXLPipeline (use --format diffusers)"
+        )
+    if not any(index.get("vae") or []):
+        raise ValueError(
+            f"{folder} is a pixel-space pipeline (no VAE); the original SD layout needs one: "
+            "use --format diffusers or lora"
+        )
+
+
 def read_pipeline_folder(folder: str | os.PathLike) -> tuple[dict, dict, str]:
     """(states, configs, kind) of a diffusers SD 1.x / 2.x / SDXL folder, from its safetensors.
 
@@ -362,6 +377,7 @@ def read_pipeline_folder(folder: str | os.PathLike) -> tuple[dict, dict, str]:
             f"{folder} is not a diffusers pipeline folder (no model_index.json)"
         )
     index = json.loads(index_path.read_text())
+    check_single_file_source(index, folder)
     name = index.get("_class_name", "")
     if name == "StableDiffusionXLPipeline":
         kind = "sdxl"
