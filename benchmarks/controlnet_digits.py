@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=360, help="held-out digits (<= 360)")
     parser.add_argument("--scale", type=float, default=1.0, help="conditioning scale (1.0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--student-only", action="store_true", help="skip the teacher rows")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
@@ -86,6 +87,8 @@ def main() -> None:
         ("student 1 step", student, student_1, 1, False),
         ("student 1 step + ControlNet", student, student_1, 1, True),
     ]
+    if args.student_only:
+        runs = runs[2:]
     rows = {}
     grid = {"condition": conditions[:10] * 2 - 1, "source digit": targets[:10]}
     for name, backbone, fn, nfe, use_cn in runs:
