@@ -173,7 +173,8 @@ def export(
             if teacher_dir and Path(teacher_dir).is_dir()
             else torch.float32
         )
-    folder_dtype = dtype if fmt == "diffusers" else torch.float32  # conversions read fp32
+    # the merged student is fp32 in memory: fp32 needs no cast; conversions read fp32
+    folder_dtype = dtype if fmt == "diffusers" and dtype != torch.float32 else None
     stage = temp_dir_beside(out)
     try:
         folder = stage / "pipeline"
