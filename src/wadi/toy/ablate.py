@@ -157,8 +157,10 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
         "fd_raw": curve[-1]["fd"],
         "trainable": trainable,
         "seconds_per_step": result.seconds_per_step,
+        # Linux reads RSS counters with a per-thread lag of up to 64 pages (0.25 MiB), so a
+        # run that adds less than that can read slightly negative: it is 0 at this resolution
         "peak_mib_over_loaded": (
-            (peak - rss_loaded[0]) / 1024 if peak is not None and rss_loaded[0] else None
+            max(0.0, (peak - rss_loaded[0]) / 1024) if peak is not None and rss_loaded[0] else None
         ),
         "wall_seconds": time.perf_counter() - start,
     }
