@@ -170,3 +170,14 @@ def test_read_only_file_system_is_one_line_before_training(tmp_path, capsys, mon
     err = _one_line(capsys)
     assert f"cannot write {out}" in err and "read-only" in err
     assert list(ro.iterdir()) == []
+
+
+def test_demo_with_a_relative_out_as_make_demo_runs_it(tmp_path, monkeypatch):
+    """`make demo` passes the default relative folder; the run inside stores absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    cfg = DemoConfig(
+        out_dir="demo-output", steps=1, samples=20, batch_size=2, teacher_steps=2, progress=False
+    )
+    run_demo(cfg)
+    assert (tmp_path / "demo-output" / "report.json").is_file()
+    assert (tmp_path / "demo-output" / "run" / "final" / "pipeline").is_dir()

@@ -259,7 +259,8 @@ def _run_in(cfg: DemoConfig, tmp: Path, out: Path) -> dict:
     real = torch.stack([test_x[test_y == d][0] for d in range(10)])
     save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, tmp / "grid.png")
     _retarget_configs(tmp / "run", tmp, out)
-    final_dir = out / "run" / result.final_dir.relative_to(tmp / "run")
+    # the run stores absolute paths; the demo's own may be relative (make demo: demo-output)
+    final_dir = out / "run" / result.final_dir.resolve().relative_to((tmp / "run").resolve())
     report = {
         "generators": metrics,
         "goals": goals(metrics),
