@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from wadi.files import _concerns
+
 __all__ = [
     "check_output_separate",
     "check_output_folder",
@@ -97,18 +99,6 @@ _FIXES = {
     errno.EROFS: "the file system is read-only; choose another output path",
     errno.ENOTDIR: "a parent of it is a file; choose another output path",
 }
-
-
-def _concerns(name, out: Path) -> bool:
-    """Whether the file an error names is ``out``, inside it, a parent or a temporary sibling."""
-    path = Path(os.path.abspath(os.fsdecode(name)))
-    out = Path(os.path.abspath(out))
-    return (
-        path == out
-        or path.is_relative_to(out)
-        or out.is_relative_to(path)
-        or (path.parent == out.parent and path.name.startswith(f".{out.name}."))
-    )
 
 
 @contextlib.contextmanager

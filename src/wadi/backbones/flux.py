@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .loading import load_scheduler, load_vae, read_json
+from .loading import load_scheduler, load_text_encoder, load_vae
 from .parametrization import FlowMatchingParametrization, Parametrization
 
 __all__ = ["FluxBackbone", "FLUX_MAX_T5_TOKENS", "calculate_shift"]
@@ -121,7 +121,6 @@ class FluxBackbone(Backbone):
     @classmethod
     def _read_text_parts(cls, path: Path, dtype, device):
         """``(text_encoder, tokenizer, text_encoder_2, tokenizer_2)`` from ``path``."""
-        import transformers
 
         path = Path(path)
         needed = ["text_encoder/config.json", "tokenizer"]
@@ -141,13 +140,7 @@ class FluxBackbone(Backbone):
             ("text_encoder", "CLIPTextModel"),
             ("text_encoder_2", "T5EncoderModel"),
         ):
-            name = (read_json(path / folder / "config.json").get("architectures") or [default])[0]
-            encoder_cls = getattr(transformers, name, None)
-            if encoder_cls is None:
-                raise ValueError(f"unsupported text encoder {name!r} in {path / folder}")
-            encoder = encoder_cls.from_pretrained(path / folder, dtype=dtype).to(device)
-            tokenizer_folder = path / folder.replace("text_encoder", "tokenizer")
-            parts += [encoder, transformers.AutoTokenizer.from_pretrained(tokenizer_folder)]
+            parts += load_text_encoder(path, default, dtype, device, folder=folder)
         return tuple(parts)
 
     def _load_text_parts(self):

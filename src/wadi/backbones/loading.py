@@ -54,15 +54,19 @@ def load_vae(root: Path, dtype, device):
     return vae_cls.from_pretrained(root, subfolder="vae", torch_dtype=dtype).to(device)
 
 
-def load_text_encoder(root: Path, default_class: str, dtype, device):
-    """The text encoder (class from its config's ``architectures``) and tokenizer."""
+def load_text_encoder(root: Path, default_class: str, dtype, device, folder: str = "text_encoder"):
+    """A text encoder (class from its config's ``architectures``) and its tokenizer.
+
+    ``folder`` is ``text_encoder``, ``text_encoder_2``, ...; the tokenizer is the matching
+    ``tokenizer``, ``tokenizer_2``, ... (the diffusers pipeline layout).
+    """
     import transformers
 
-    config = read_json(root / "text_encoder" / "config.json")
+    config = read_json(root / folder / "config.json")
     name = (config.get("architectures") or [default_class])[0]
     encoder_cls = getattr(transformers, name, None)
     if encoder_cls is None:
-        raise ValueError(f"unsupported text encoder {name!r} in {root / 'text_encoder'}")
-    encoder = encoder_cls.from_pretrained(root / "text_encoder", dtype=dtype).to(device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
-    return encoder, tokenizer
+        raise ValueError(f"unsupported text encoder {name!r} in {root / folder}")
+    encoder = encoder_cls.from_pretrained(root / folder, dtype=dtype).to(device)
+    tokenizer_folder = root / folder.replace("text_encoder", "tokenizer")
+    return encoder, transformers.AutoTokenizer.from_pretrained(tokenizer_folder)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, TextCondition
-from .loading import load_scheduler, load_vae, read_json
+from .loading import load_scheduler, load_text_encoder, load_vae
 
 __all__ = ["SD3Backbone", "SD3_MAX_T5_TOKENS"]
 
@@ -101,7 +101,6 @@ class SD3Backbone(Backbone):
     @classmethod
     def _read_text_parts(cls, path: Path, dtype, device, t5: bool = True) -> dict:
         """The text parts of ``path`` by name; T5's are ``None`` without ``text_encoder_3``."""
-        import transformers
 
         path = Path(path)
         needed = [
@@ -124,13 +123,10 @@ class SD3Backbone(Backbone):
         if t5 and cls.has_t5(path):
             folders.append(("text_encoder_3", "T5EncoderModel"))
         for folder, default in folders:
-            name = (read_json(path / folder / "config.json").get("architectures") or [default])[0]
-            encoder_cls = getattr(transformers, name, None)
-            if encoder_cls is None:
-                raise ValueError(f"unsupported text encoder {name!r} in {path / folder}")
-            parts[folder] = encoder_cls.from_pretrained(path / folder, dtype=dtype).to(device)
             tokenizer = folder.replace("text_encoder", "tokenizer")
-            parts[tokenizer] = transformers.AutoTokenizer.from_pretrained(path / tokenizer)
+            parts[folder], parts[tokenizer] = load_text_encoder(
+                path, default, dtype, device, folder=folder
+            )
         return parts
 
     def _text_parts(self) -> dict:
