@@ -101,7 +101,9 @@ class WaDiIteration:
         n, micro = shape[0], config.batch_size
         parts = _chunks(n, micro)
         device = null_cond.device
-        scale = (lambda s: (s.stop - s.start) / n) if len(parts) > 1 else (lambda s: 1.0)
+
+        def scale(s: slice) -> float:  # a micro-batch's share of the batch mean (1.0 if whole)
+            return (s.stop - s.start) / n
 
         # 1-4: generator update
         z = torch.randn(shape, generator=rng, device=device)
@@ -130,7 +132,7 @@ class WaDiIteration:
             if self.gan is not None:  # surrogate whose gradient on x0 is the GAN gradient
                 grad = self._gan_gradient(x0, eps[s], t[s], null_cond)
                 loss = loss + (x0.float() * torch.nan_to_num(grad)).sum()
-            self.student.backward(loss * scale(s) if len(parts) > 1 else loss, roles.student)
+            self.student.backward(loss * scale(s), roles.student)
             x0_all.append(x0.detach().float())
         ok_g, norm_g = self.student.step(step)
 
@@ -171,7 +173,7 @@ class WaDiIteration:
                             backbone, x_t_real, x_t2, t2[s], null_cond.expand(len(x_t2)),
                             roles.fake,
                         )  # fmt: skip
-                self.fake.backward(loss * scale(s) if len(parts) > 1 else loss, roles.fake)
+                self.fake.backward(loss * scale(s), roles.fake)
             ok, norm_f = self.fake.step(step)
             ok_f = ok_f and ok
         return IterationResult(loss_g, loss_f, ok_g, ok_f, norm_g, norm_f)

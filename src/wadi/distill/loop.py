@@ -108,7 +108,7 @@ def _train(config, device, rank, world, resume, overwrite, callback, callback_ev
     run, config = build_run(config, device, rank, world, resume, overwrite)
     summary = report.summary(
         config, run.backbone, run.counts, device=device, dtype=DTYPES[config.mixed_precision],
-        world=world, step=run.step, resume_from=run.resume_from, generator=run.generator,
+        world=world, step=run.step, resume_from=run.resume_from,
     )  # fmt: skip
     hooks = default_hooks(
         run,

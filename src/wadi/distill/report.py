@@ -33,9 +33,7 @@ def share_warning(config, counts: dict[str, int]) -> str | None:
     )
 
 
-def summary(
-    config, backbone, counts, *, device, dtype, world, step, resume_from, generator=None
-) -> str:
+def summary(config, backbone, counts, *, device, dtype, world, step, resume_from) -> str:
     """The start-of-run block: device, dtype, teacher, sizes, trainable shares, steps, folder."""
     base = counts["base"]
 
@@ -53,7 +51,7 @@ def summary(
         ("student", f"{student}: {share(counts['student'])} trainable"),
         ("fake score", f"lorad: {share(counts['fake'])} trainable"),
         ("steps", f"{step} -> {config.max_steps} ({start})"),
-        ("generator", _generator(config, generator)),
+        ("generator", _generator(config)),
         ("output", str(Path(config.output_dir))),
     ]
     width = max(len(k) for k, _ in rows)
@@ -67,7 +65,7 @@ def _batch(config, world: int) -> str:
     return f"{per_process} per process{accumulated}, {per_process * world} in all"
 
 
-def _generator(config, generator) -> str:
+def _generator(config) -> str:
     steps = config.timesteps
     kind = "one step" if len(steps) == 1 else f"{len(steps)} steps"
     return f"{kind} at t = {', '.join(map(str, steps))}, objective {config.objective}"

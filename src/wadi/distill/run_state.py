@@ -131,11 +131,10 @@ def write_final(run) -> Path:
     with atomic_directory(final) as tmp:
         write_weights(tmp, config, roles, ema)
         summary = {
-            "alpha_bar_T": run.generator.alpha_bar(run.backbone),
             "adapter": roles.adapter,
             **run.generator.to_dict(),
+            "alpha_bar_T": run.generator.alpha_bar(run.backbone),  # the schedule's, not None
         }
-        summary["alpha_bar_T"] = run.generator.alpha_bar(run.backbone)
         if config.export_pipeline:
             use_ema = ema is not None and config.export_ema
             merged = roles.merged_student(ema.tensors if use_ema else None)
