@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wadi.analysis.weights import (
+    angle_change,
     block_type,
     cumulative_energy,
     direction_change,
@@ -267,3 +268,34 @@ def test_natural_layer_order():
         "up_blocks.2.a",
         "up_blocks.10.a",
     ]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_angle_is_the_rotation_angle_and_first_order(shape):
+    """The angle equals the known rotation (also at 1e-6 rad, where arccos(cos) loses it)."""
+    rng = np.random.default_rng(3)
+    wt = rng.standard_normal(shape)
+    phi = np.concatenate([rng.uniform(0.01, 3.0, size=shape[0] - 2), [1e-6, 2e-7]])
+    ws = rotate_rows_ref(wt, phi, rng)
+    t, s = torch.from_numpy(wt), torch.from_numpy(ws)
+    np.testing.assert_allclose(angle_change(t, s).numpy(), phi, rtol=1e-8)
+    stats = layer_stats("blk.attn1.to_q", t, s)
+    assert stats.angle_mean == pytest.approx(np.mean(phi) * 100, rel=1e-9)
+    assert stats.angle_std == pytest.approx(np.std(phi) * 100, rel=1e-8)
+    # where 1 - cos underflows to about eps (phi = 2e-7: 2e-14), the angle is still resolved
+    assert float(angle_change(t, s)[-1]) == pytest.approx(2e-7, rel=1e-6)
+
+
+def test_summary_reports_angle_ratio_beside_one_minus_cos_ratio():
+    """A change with angle == relative norm change: angle/norm ~ 1, (1 - cos)/norm ~ angle / 2."""
+    from wadi.analysis.weights import summarize
+
+    rng = np.random.default_rng(4)
+    wt = rng.standard_normal((32, 24))
+    phi = np.full(32, 0.02)
+    ws = rotate_rows_ref(wt, phi, rng) * 1.02  # norm +2 %, angle 0.02 rad
+    stats = layer_stats("blk.attn1.to_q", torch.from_numpy(wt), torch.from_numpy(ws))
+    summary = summarize([stats])
+    assert summary["angle_ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert summary["ratio"] == pytest.approx((1 - np.cos(0.02)) / 0.02, rel=1e-9)
+    assert summary["ratio"] < 0.011

@@ -126,7 +126,10 @@ def run(args) -> int:
     print(f"teacher: {report.teacher}")
     print(f"student: {report.student}")
     print(summary_table(report))
-    print("(percent; dir/norm = all-layer mean direction change / mean norm change)")
+    print(
+        "(percent; dir = 1 - cos, angle = arccos(cos) in rad x 100; dir/norm and angle/norm = "
+        "all-layer mean over mean norm change)"
+    )
     for path in written:
         print(f"wrote {path}")
     for kind, path in report.swaps.items():

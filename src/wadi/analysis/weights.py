@@ -9,6 +9,14 @@ the matching student row ``w_s``:
 - direction change: ``1 - cos(w_s, w_t)``, computed as
   ``0.5 * || w_s/||w_s|| - w_t/||w_t|| ||^2`` (the same value, without the
   cancellation of ``1 - cos`` for small angles)
+- angle: ``arccos(cos(w_s, w_t))`` in radians, computed as
+  ``2 asin(|| w_s/||w_s|| - w_t/||w_t|| || / 2)`` (exact, and accurate at small
+  angles where ``arccos`` of a cosine near 1 is not)
+
+``1 - cos`` is second order in a small change (``phi^2 / 2``) while the relative
+norm change is first order, so the direction/norm ratio under ``1 - cos`` is small
+by construction; the angle is first order, like the norm change, and is the one
+that compares with a norm change (see docs/analysis.md).
 
 Rows whose teacher or student norm is zero have no direction; they are left
 out of a layer's mean and std and counted as ``zero_rows``.
@@ -35,6 +43,7 @@ __all__ = [
     "row_norms",
     "norm_change",
     "direction_change",
+    "angle_change",
     "residual_singular_values",
     "residual_energy_spectrum",
     "cumulative_energy",
@@ -90,6 +99,20 @@ def direction_change(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
     ok = (nt > 0) & (ns > 0)
     diff = s / torch.where(ok, ns, 1.0) - t / torch.where(ok, nt, 1.0)
     out = 0.5 * (diff * diff).sum(dim=1)
+    return torch.where(ok.squeeze(1), out, torch.full_like(out, math.nan))
+
+
+def angle_change(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per row the angle ``arccos(cos(w_s, w_t))`` in radians, in ``[0, pi]`` (NaN for a zero row)."""
+    _check_pair(teacher, student)
+    t, s = as_rows(teacher), as_rows(student)
+    nt = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    ns = torch.linalg.vector_norm(s, dim=1, keepdim=True)
+    ok = (nt > 0) & (ns > 0)
+    chord = torch.linalg.vector_norm(
+        s / torch.where(ok, ns, 1.0) - t / torch.where(ok, nt, 1.0), dim=1
+    )
+    out = 2.0 * torch.asin((chord / 2.0).clamp(max=1.0))
     return torch.where(ok.squeeze(1), out, torch.full_like(out, math.nan))
 
 
@@ -174,6 +197,9 @@ class LayerStats:
     rank_for_energy: int | None
     # cumulative energy curve sampled at 0 %, 1 %, ..., 100 % of full rank (for plots)
     energy_curve: list[float] | None = None
+    # the angle arccos(cos) in radians, shown in percent (first order, like the norm change)
+    angle_mean: float = math.nan
+    angle_std: float = math.nan
 
     def to_dict(self, with_curve: bool = False) -> dict:
         data = asdict(self)
@@ -226,6 +252,7 @@ def layer_stats(
         curve = _sample_curve(energy) if energy.numel() else None
     nm, ns_ = _mean_std(nc)
     dm, ds = _mean_std(dc)
+    am, as_ = _mean_std(angle_change(t, s))
     return LayerStats(
         name=name,
         kind="conv" if teacher.ndim == 4 else "linear",
@@ -242,6 +269,8 @@ def layer_stats(
         energy_at_fraction=energy_pct,
         rank_for_energy=rank,
         energy_curve=curve,
+        angle_mean=am,
+        angle_std=as_,
     )
 
 
@@ -266,6 +295,7 @@ def summarize(layers: list[LayerStats]) -> dict:
     dir_mean = _nanmean([x.direction_change_mean for x in layers])
     norm_std = _nanmean([x.norm_change_std for x in layers])
     dir_std = _nanmean([x.direction_change_std for x in layers])
+    angle_mean = _nanmean([x.angle_mean for x in layers])
     changed = [x for x in layers if x.energy_at_fraction is not None]
     return {
         "layers_count": len(layers),
@@ -273,6 +303,9 @@ def summarize(layers: list[LayerStats]) -> dict:
         "norm_change_mean": norm_mean,
         "direction_change_mean": dir_mean,
         "ratio": _ratio(dir_mean, norm_mean),
+        "angle_mean": angle_mean,
+        "angle_ratio": _ratio(angle_mean, norm_mean),
+        "angle_std_mean": _nanmean([x.angle_std for x in layers]),
         "norm_change_std_mean": norm_std,
         "direction_change_std_mean": dir_std,
         "std_ratio": _ratio(dir_std, norm_std),
