@@ -27,6 +27,7 @@ from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 
 __all__ = [
     "exported_generator",
+    "exported_call",
     "student_scheduler",
     "pipeline_call",
     "one_step_scheduler",
@@ -222,6 +223,27 @@ def exported_generator(folder: str | os.PathLike):
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-export the student") from None
     return make_generator(info.get("timesteps") or [999])
+
+
+def exported_call(folder: str | os.PathLike) -> dict:
+    """The stock pipeline call ``wadi_export.json`` records (:func:`pipeline_call`).
+
+    Exports that predate the record (and teacher folders) get the call of their
+    :func:`exported_generator`: its steps and timesteps, no guidance.
+    """
+    path = Path(folder) / "wadi_export.json"
+    if path.is_file():
+        try:
+            call = json.loads(path.read_text()).get("pipeline_call")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-export the student") from None
+        if isinstance(call, dict):
+            return dict(call)
+    generator = exported_generator(folder)
+    call = {"num_inference_steps": generator.num_steps, "guidance_scale": 1.0}
+    if generator.num_steps > 1:
+        call["timesteps"] = list(generator.timesteps)
+    return call
 
 
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:

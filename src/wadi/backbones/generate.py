@@ -156,10 +156,35 @@ def generate_images(
     return written
 
 
+def stock_resolution(pipe, denoiser, resolution: int | None) -> tuple[int, int]:
+    """``(pixels, latent pixels)`` of the image side the stock pipeline samples at.
+
+    The default is the pipeline's own (``default_sample_size``: FLUX's 128, SDXL's and SD3's
+    ``sample_size``) times the VAE factor.  A side the latent patches do not tile (FLUX's
+    2x2 packing, a DiT's ``patch_size``) is refused in one line before any image.
+    """
+    factor = pipe.vae_scale_factor
+    native = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    if isinstance(native, (list, tuple)):
+        native = native[0]
+    side = int(resolution or int(native) * factor)
+    flux = type(pipe).__name__.startswith("Flux")
+    patch = 2 if flux else int(getattr(denoiser.config, "patch_size", None) or 1)
+    if side % (factor * patch):
+        raise ValueError(
+            f"--resolution {side} is not a multiple of {factor * patch} px (VAE factor {factor} "
+            f"x the {type(denoiser).__name__}'s {patch}x{patch} latent patches); use "
+            f"{max(factor * patch, side - side % (factor * patch))}"
+        )
+    return side, side // factor
+
+
 def _stock_runner(folder, device, dtype, resolution):
-    """Run the exported folder with its stock diffusers pipeline, one step, no guidance."""
+    """Run the exported folder with its stock diffusers pipeline and the call its
+    ``wadi_export.json`` records (steps, sigmas or timesteps, FLUX's guidance input)."""
     from diffusers import DiffusionPipeline
 
+    from .export import exported_call
     from .registry import reporting_damaged_files
 
     with reporting_damaged_files(folder):
@@ -167,38 +192,58 @@ def _stock_runner(folder, device, dtype, resolution):
     pipe.set_progress_bar_config(disable=True)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     factor = pipe.vae_scale_factor
-    size = (resolution or denoiser.config.sample_size * factor) // factor
-    channels = denoiser.config.in_channels
+    side, size = stock_resolution(pipe, denoiser, resolution)
+    flux = type(pipe).__name__.startswith("Flux")
+    # FLUX packs 2x2 latent patches into its 64 input channels; its latents are drawn
+    # unpacked (16 channels), as wadi's route draws them, and packed for the call
+    channels = denoiser.config.in_channels // (4 if flux else 1)
     extra = {}
     if type(pipe).__name__.startswith("PixArt"):
         extra = {"use_resolution_binning": False, "clean_caption": False}
-    from .export import exported_generator
-
-    generator = exported_generator(folder)
-    call = {"num_inference_steps": generator.num_steps, "guidance_scale": 1.0}
-    if generator.num_steps > 1:
-        call["timesteps"] = list(generator.timesteps)
+    call = {**extra, **exported_call(folder)}
+    steps = int(call.get("num_inference_steps", 1))
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
 
     def sample(batch, indices, seed):
         z = seeded_noise(indices, seed, (channels, size, size)).to(device=device, dtype=dtype)
+        if flux:
+            z = pipe._pack_latents(z, *z.shape)
         renoise = None
-        if generator.num_steps > 1:  # image i's re-noising draws: its own seeded generator
+        if steps > 1:  # image i's re-noising draws: its own seeded generator
             renoise = [torch.Generator().manual_seed(RENOISE_SEED + seed + i) for i in indices]
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng():
+            if flow and steps > 1:
+                # the stock SD3/FLUX calls do not hand their generator to the scheduler's
+                # step: FlowMatchLCM re-noises from the global RNG, seeded per batch here
+                torch.manual_seed(RENOISE_SEED + seed + indices[0])
             images = pipe(
                 list(batch),
                 **call,
                 generator=renoise,
                 latents=z,
-                height=size * factor,
-                width=size * factor,
+                height=side,
+                width=side,
                 output_type="pt",
-                **extra,
             ).images
         return images.float().cpu()
 
     sample.unet, sample.vae_scale_factor = denoiser, factor
     return sample
+
+
+def set_resolution(backbone, resolution: int | None) -> int:
+    """The image side to sample at (default: the teacher's own), told to the backbones that
+    condition on it (SDXL's time ids, FLUX's resolution-dependent shift), as a run does."""
+    if hasattr(backbone, "resolution"):  # SDXL, FLUX: the default is their own
+        if resolution:
+            backbone.resolution = int(resolution)
+        return int(backbone.resolution)
+    if resolution:
+        return int(resolution)
+    size = backbone.denoiser.config.sample_size
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) * backbone.vae_scale_factor
 
 
 def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution):
@@ -218,8 +263,7 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
     generator = exported_generator(folder)
     if alpha_bar_T is not None:
         generator = OneStep(999, alpha_bar_T)
-    sample_size = backbone.denoiser.config.sample_size
-    size = backbone.latent_size(resolution) if resolution else sample_size
+    size = backbone.latent_size(set_resolution(backbone, resolution))
     null = backbone.encode_prompts([""]) if steps > 1 else None
 
     def sample(batch, indices, seed):

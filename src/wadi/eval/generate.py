@@ -131,33 +131,54 @@ class _StockSampler:
     """A latent-space folder through its stock diffusers pipeline (``output_type="np"``)."""
 
     def __init__(self, model: Path, dtype, device, resolution: int | None):
+        from wadi.backbones.export import exported_call
+        from wadi.backbones.generate import stock_resolution
+
         self.pipe = pipe = load_pipeline(model, dtype, device)
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
-        factor = getattr(pipe, "vae_scale_factor", 8)
-        self.resolution = resolution or int(denoiser.config.sample_size) * factor
+        # the pipeline's own default size (FLUX's transformer has no sample_size)
+        self.resolution = stock_resolution(pipe, denoiser, resolution)[0]
         self.pipeline_kwargs = {}
         if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
             self.pipeline_kwargs["use_resolution_binning"] = False  # keep the size asked for
+        self.export_call = exported_call(model) if (model / "wadi_export.json").is_file() else None
         self.describe = {
             "pipeline": type(pipe).__name__,
             "scheduler": type(pipe.scheduler).__name__,
             "scheduler_config": dict(pipe.scheduler.config),
         }
 
+    def use_export_call(self, steps: int, guidance: float) -> None:
+        """An exported student sampled as exported (its steps, no CFG) gets the stock call
+        its ``wadi_export.json`` records: the sigmas/timesteps of its generator, and FLUX.1-dev's
+        guidance input (a value > 1 there is an embedding the student was trained with)."""
+        call = self.export_call
+        if call is None or steps != call.get("num_inference_steps") or guidance > 1.0:
+            return
+        extra = {
+            k: v for k, v in call.items() if k not in ("num_inference_steps", "guidance_scale")
+        }
+        if float(call.get("guidance_scale", 1.0)) > 1.0:
+            extra["guidance_scale"] = float(call["guidance_scale"])
+        self.pipeline_kwargs.update(extra)
+
     def __call__(self, prompts, indices, seed, steps, guidance) -> np.ndarray:
         import torch
 
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
-        with torch.inference_mode():
+        kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
+        kwargs.update(self.pipeline_kwargs)
+        flow_renoise = steps > 1 and "FlowMatch" in type(self.pipe.scheduler).__name__
+        with torch.inference_mode(), torch.random.fork_rng():
+            if flow_renoise:  # the stock SD3/FLUX calls re-noise from the global RNG
+                torch.manual_seed(seed + indices[0])
             out = self.pipe(
                 prompt=list(prompts),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
                 height=self.resolution,
                 width=self.resolution,
                 generator=generators,
                 output_type="np",
-                **self.pipeline_kwargs,
+                **kwargs,
             ).images
         return np.asarray(out)
 
@@ -273,6 +294,8 @@ def generate_images(
     model = _check_model_folder(model)
     sampler_cls = _PixelSampler if is_pixel_space(model) else _StockSampler
     sampler = sampler_cls(model, torch_dtype, state.device, resolution)
+    if isinstance(sampler, _StockSampler):
+        sampler.use_export_call(steps, guidance)
     resolution = sampler.resolution
     pipeline_kwargs = sampler.pipeline_kwargs
     knobs = {
