@@ -54,6 +54,8 @@ class Backbone:
     denoiser_folder: str = ""  # "unet" / "transformer"
     denoiser_class: str = ""  # the diffusers class in that folder
     supported: str = ""  # what this class loads, for error messages
+    optional_t5: bool = False  # load_backbone(t5=False) may leave its T5 out (SD3)
+    t5_note: str = ""  # why not, for the error of t5=False
 
     def __init__(
         self,

@@ -79,6 +79,7 @@ class FluxBackbone(Backbone):
     denoiser_class = "FluxTransformer2DModel"
     supported = "FluxTransformer2DModel of FLUX.1-dev/schnell (flow matching)"
     max_sequence_length = FLUX_MAX_T5_TOKENS
+    t5_note = "FLUX needs its T5: text_encoder_2 gives all of its token embeddings"
 
     def __init__(
         self, *, text_encoder_2: nn.Module | None = None, tokenizer_2=None, **parts

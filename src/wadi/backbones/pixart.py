@@ -53,6 +53,7 @@ class PixArtBackbone(Backbone):
     denoiser_folder = "transformer"
     denoiser_class = "PixArtTransformer2DModel"
     supported = "PixArtTransformer2DModel of PixArt-alpha"
+    t5_note = "PixArt's only text encoder is its T5"
     max_tokens = PIXART_MAX_TOKENS
 
     def __init__(self, **parts) -> None:

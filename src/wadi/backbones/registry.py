@@ -144,15 +144,26 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     load_text_encoder: bool = True,
+    t5: bool = True,
 ) -> Backbone:
     """Load the teacher in ``path`` (a diffusers pipeline folder) as a :class:`Backbone`.
 
     Every module is frozen (``requires_grad=False``) and in eval mode.  With
     ``load_text_encoder=False`` the text encoder and tokenizer stay on disk
-    (training from precomputed embeddings).
+    (training from precomputed embeddings).  ``t5=False`` leaves an SD3 teacher's
+    optional T5 (``text_encoder_3``) out, in memory and in its exports; backbones that
+    need their T5 (FLUX, PixArt) or have none refuse it in one line.
     """
     root = _resolve(path)
     cls = _pick_class(root)
+    options = {}
+    if not t5:
+        if not getattr(cls, "optional_t5", False):
+            raise ValueError(
+                f"--no-t5 leaves out SD3's optional T5 text encoder, but {root} is a {cls.kind} "
+                f"teacher ({cls.t5_note or 'it has no optional T5'}); drop --no-t5"
+            )
+        options["t5"] = False
     needed = ["scheduler/scheduler_config.json"]
     if load_text_encoder:
         needed += ["text_encoder/config.json", "tokenizer"]
@@ -168,7 +179,7 @@ def load_backbone(
         )
     with reporting_damaged_files(root):
         backbone = cls.from_folder(
-            root, dtype=dtype, device=device, load_text_encoder=load_text_encoder
+            root, dtype=dtype, device=device, load_text_encoder=load_text_encoder, **options
         )
     for module in (backbone.denoiser, backbone.text_encoder, backbone.vae):
         if module is not None:

@@ -48,7 +48,9 @@ class SD3Backbone(Backbone):
     supported = "SD3Transformer2DModel of SD3/SD3.5 (flow matching)"
     max_sequence_length = SD3_MAX_T5_TOKENS
     #: load text_encoder_3 (T5) when the folder has it; False encodes the T5 part as zeros
+    #: (per instance: ``load_backbone(path, t5=False)``, wadi distill --no-t5)
     load_t5 = True
+    optional_t5 = True
 
     def __init__(
         self,
@@ -72,27 +74,39 @@ class SD3Backbone(Backbone):
 
     @classmethod
     def from_folder(
-        cls, path: Path, *, dtype: torch.dtype, device, load_text_encoder: bool
+        cls,
+        path: Path,
+        *,
+        dtype: torch.dtype,
+        device,
+        load_text_encoder: bool,
+        t5: bool | None = None,
     ) -> SD3Backbone:
-        """As :meth:`Backbone.from_folder`, plus the second CLIP and (optionally) T5."""
+        """As :meth:`Backbone.from_folder`, plus the second CLIP and (optionally) T5.
+
+        ``t5=False`` (default: :attr:`load_t5`) leaves T5 out here and in exports, as
+        ``StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None)`` does."""
         from diffusers import SD3Transformer2DModel
 
         transformer = SD3Transformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype
         )
+        t5 = cls.load_t5 if t5 is None else bool(t5)
         text: dict = dict.fromkeys((*_CLIP_PARTS, "text_encoder_3", "tokenizer_3"))
         if load_text_encoder:
-            text.update(cls._read_text_parts(path, dtype, device, t5=cls.load_t5))
+            text.update(cls._read_text_parts(path, dtype, device, t5=t5))
             for name in ("text_encoder_2", "text_encoder_3"):
                 if text[name] is not None:
                     text[name].requires_grad_(False).eval()
-        return cls(
+        backbone = cls(
             denoiser=transformer.to(device),
             scheduler=load_scheduler(path),
             vae=load_vae(path, dtype, device),
             path=path,
             **text,
         )
+        backbone.load_t5 = t5  # an export without text encoders in memory reads the same
+        return backbone
 
     @staticmethod
     def has_t5(path: Path) -> bool:

@@ -17,6 +17,9 @@ HELP = {
     "prompt_column": "column of a .csv/.parquet prompt file",
     "embeddings": "folder written by `wadi embed` (replaces prompts and the text encoder)",
     "output_dir": "where checkpoints and final/ go (the run folder)",
+    "t5": "SD3's optional T5 text encoder; --no-t5 trains and exports without it (its "
+    "embeddings zeros, as the stock pipeline without T5; saves ~9.5 GB in bf16); FLUX and "
+    "PixArt need theirs",
     "adapter": "student adapter: lorad (paper), lora, dora or full; the fake score is LoRaD",
     "student_rank": "student rank (default: the preset's, 256 U-Net / 128 DiT)",
     "fake_rank": "fake-score LoRaD rank (default: the preset's 32)",

@@ -63,6 +63,9 @@ class DistillConfig:
 
     # adapters
     adapter: str = (
+    # SD3's optional T5 (text_encoder_3); False (--no-t5) trains and exports without it, its
+    # part of the prompt embeddings zeros, as StableDiffusion3Pipeline(text_encoder_3=None)
+    t5: bool = True
         "lorad"  # lorad | lora | dora | full (the student; the fake score is always LoRaD)
     )
     student_rank: int | None = None  # None: the backbone's preset (256 U-Net, 128 DiT)

@@ -52,7 +52,9 @@ def export_checkpoint(
         raise
     except Exception as err:  # noqa: BLE001 - SafetensorError: a damaged file, one line
         raise DamagedFileError(damaged_message(source, err)) from None
-    backbone = load_backbone(config.teacher, dtype=torch.float32)
+    backbone = load_backbone(config.teacher, dtype=torch.float32, t5=config.t5)
+    if getattr(backbone, "guidance_embeds", False):  # FLUX.1-dev: the guidance input it trained
+        backbone.guidance = config.guidance_scale  # with, recorded in the stock call
     torch.manual_seed(config.seed)
     roles = Roles(
         backbone,

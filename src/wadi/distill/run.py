@@ -102,7 +102,11 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
     )
     dtype = DTYPES[config.mixed_precision]
     backbone = load_backbone(
-        config.teacher, dtype=dtype, device=device, load_text_encoder=not config.embeddings
+        config.teacher,
+        dtype=dtype,
+        device=device,
+        load_text_encoder=not config.embeddings,
+        t5=config.t5,
     )
     if config.resolution is None:  # the teacher's own size, recorded in config.yaml
         config = config.replace(resolution=report.native_resolution(backbone))
