@@ -75,7 +75,11 @@ def register(subparsers) -> None:
     common(score)
     score.add_argument("--images", required=True, help="folder written by `wadi eval generate`")
     score.add_argument("--reference", help="reference image folder (val2014 / val2017)")
-    score.add_argument("--metrics", default="fid,pr,clip", help="comma list of fid, pr, clip")
+    score.add_argument(
+        "--metrics",
+        default="fid,pr,clip",
+        help="comma list of fid, pr, clip, pickscore, hpsv2 (--pickscore / --hpsv2 add theirs)",
+    )
     score.add_argument(
         "--extractor",
         default="inception",
@@ -109,6 +113,23 @@ def register(subparsers) -> None:
         "(needs open_clip installed and --open-clip-weights)",
     )
     score.add_argument("--open-clip-weights", type=Path, help="local open_clip .safetensors file")
+    score.add_argument(
+        "--pickscore",
+        type=Path,
+        help="adds PickScore: local folder of yuvalkirstain/PickScore_v1 (config.json, "
+        "model.safetensors)",
+    )
+    score.add_argument(
+        "--hpsv2",
+        type=Path,
+        help="adds HPSv2: its open_clip state dict converted to .safetensors (docs/eval.md)",
+    )
+    score.add_argument(
+        "--clip-h",
+        type=Path,
+        help="local laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder (config + processor, no "
+        "weights needed): HPSv2's architecture and the processor of both",
+    )
     score.add_argument(
         "--resize",
         type=int,
@@ -192,6 +213,10 @@ def _score(args: argparse.Namespace) -> int:
     if args.resize is not None:
         protocol = protocol.with_resize(args.resize or None)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics += tuple(
+        m for m, given in (("pickscore", args.pickscore), ("hpsv2", args.hpsv2)) if given
+    )
+    metrics = tuple(dict.fromkeys(metrics))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise ValueError(
@@ -224,6 +249,18 @@ def _score(args: argparse.Namespace) -> int:
             open_clip_weights=args.open_clip_weights,
             device=device,
         )
+    preference = {}
+    if "pickscore" in metrics or "hpsv2" in metrics:
+        from wadi.eval.preference import load_hpsv2, load_pickscore
+
+        if "pickscore" in metrics:
+            if args.pickscore is None:
+                raise ValueError("pickscore needs --pickscore DIR (yuvalkirstain/PickScore_v1)")
+            preference["pickscore"] = load_pickscore(args.pickscore, args.clip_h, device=device)
+        if "hpsv2" in metrics:
+            if args.hpsv2 is None:
+                raise ValueError("hpsv2 needs --hpsv2 FILE (.safetensors, see docs/eval.md)")
+            preference["hpsv2"] = load_hpsv2(args.hpsv2, args.clip_h, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         record = score_images(
@@ -234,6 +271,7 @@ def _score(args: argparse.Namespace) -> int:
             metrics=metrics,
             extractor=extractor,
             clip_extractor=clip,
+            preference=preference,
             k=args.k,
             cache_dir=None if args.no_cache else args.cache_dir,
             batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""``wadi eval score``: FID, precision/recall and CLIP score of a generated image folder.
+"""``wadi eval score``: FID, precision/recall, CLIP score, PickScore and HPSv2 of an image folder.
 
 Generated images are matched to captions by index (``00042.png`` is caption 42); both
 they and the reference images go through the protocol's centre crop + LANCZOS resize;
@@ -26,7 +26,9 @@ from wadi.eval.protocol import (
 from wadi.files import write_json
 from wadi.paths import writing_output
 
-METRICS = ("fid", "pr", "clip")
+METRICS = ("fid", "pr", "clip", "pickscore", "hpsv2")
+#: human-preference scores (wadi.eval.preference), each from its own local model
+PREFERENCE_METRICS = ("pickscore", "hpsv2")
 DEFAULT_CACHE_DIR = Path("~/.cache/wadi/eval")
 
 
@@ -77,6 +79,7 @@ def score_images(
     metrics: tuple[str, ...] = METRICS,
     extractor=None,
     clip_extractor=None,
+    preference: dict | None = None,
     k: int = 3,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
@@ -87,6 +90,8 @@ def score_images(
     ``extractor`` gives the features of FID and precision/recall (Inception-v3 for the
     COCO protocol, the digits evaluator for the toy demo); ``clip_extractor`` the CLIP
     embeddings.  Both are :class:`wadi.eval.extractors.FeatureExtractor` objects.
+    ``preference`` maps ``pickscore``/``hpsv2`` to a
+    :class:`wadi.eval.preference.PreferenceModel`.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -163,6 +168,16 @@ def score_images(
             "prefix": protocol.clip_prefix,
             "score": "mean over captions of cos(image, text), unclamped and unscaled",
         }
+    for name in (m for m in PREFERENCE_METRICS if m in metrics):
+        from wadi.eval.preference import score_preference
+
+        scorer = (preference or {}).get(name)
+        if scorer is None:
+            flag = "--pickscore DIR" if name == "pickscore" else "--hpsv2 FILE and --clip-h DIR"
+            raise ValueError(f"{name} needs its local model: pass {flag} (see docs/eval.md)")
+        mean, info = score_preference(scorer, paths, captions.texts, batch_size, workers)
+        record["results"][name] = mean
+        record[name] = info
     record["seconds"] = round(time.time() - start, 1)
     return record
 
