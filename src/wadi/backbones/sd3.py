@@ -155,6 +155,18 @@ class SD3Backbone(Backbone):
             )
         return self._read_text_parts(self.path, self.dtype, "cpu", t5=self.load_t5)
 
+    # ---- shapes ----
+    def latent_size(self, resolution: int) -> int:
+        """As :meth:`Backbone.latent_size`; the latent side must also tile the patches."""
+        patch = int(self.denoiser.config.patch_size)
+        factor = patch * self.vae_scale_factor
+        if resolution <= 0 or resolution % factor:
+            raise ValueError(
+                f"SD3 resolution {resolution} must be a positive multiple of {factor} (VAE "
+                f"factor {self.vae_scale_factor} x the transformer's patch size {patch})"
+            )
+        return resolution // self.vae_scale_factor
+
     # ---- text ----
     def _encode(self, prompts: list[str]) -> TextCondition:
         if self.text_encoder_2 is None or self.tokenizer_2 is None:
