@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "wadi.analysis.cli",  # analyze
     "wadi.eval.cli",  # eval
     "wadi.lorad.cli",  # adapter-info
+    "wadi.relation.cli",  # invert-relation
 )
 
 

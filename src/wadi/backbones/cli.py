@@ -127,6 +127,12 @@ def register(subparsers) -> None:
         metavar="S",
         help="conditioning scale: one for all ControlNets or one each (1.0; 0 = no control)",
     )
+    g.add_argument(
+        "--embedding",
+        action="append",
+        metavar="FILE",
+        help="a learned token (wadi invert-relation's embedding.safetensors; repeatable)",
+    )
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     g.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
     g.add_argument(
@@ -210,6 +216,7 @@ def _generate(args) -> int:
         controlnets=args.controlnet,
         control_images=args.control_image,
         controlnet_scales=args.controlnet_scale,
+        embeddings=args.embedding,
         alpha_bar_T=args.alpha_bar_T,
         device=device,
         dtype=dtype,

@@ -70,6 +70,7 @@ def generate_images(
     controlnets: Sequence[str | os.PathLike] | None = None,
     control_images: Sequence | None = None,
     controlnet_scales: Sequence[float] | None = None,
+    embeddings: Sequence[str | os.PathLike] | None = None,
 ) -> list[Path]:
     """Write ``out/00000.png ...`` and ``out/images.jsonl`` (file, prompt, seed) for ``prompts``.
 
@@ -82,7 +83,9 @@ def generate_images(
     ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`).  ``controlnets``
     (``ControlNetModel`` folders, one of ``control_images`` and one or all
     ``controlnet_scales`` each) condition every U-Net call (:mod:`wadi.controlnet`);
-    they run on wadi's route, an exported folder included.
+    they run on wadi's route, an exported folder included.  ``embeddings`` (files of
+    ``wadi invert-relation``, diffusers' textual-inversion format) add their tokens to the
+    text encoder: ``load_textual_inversion`` on the stock route, the same rows on wadi's.
     """
     from tqdm.auto import tqdm
 
@@ -127,12 +130,14 @@ def generate_images(
         )
     elif control_images or controlnet_scales:
         raise ValueError("--control-image and --controlnet-scale go with --controlnet CN_DIR")
+    tokens = _read_embeddings(embeddings or [])
     if pipeline is not None and (Path(pipeline) / "vae").is_dir() and not controls:
-        sampler = _stock_runner(pipeline, device, dtype, resolution)
+        sampler = _stock_runner(pipeline, device, dtype, resolution, embeddings or [])
     else:
         sampler = _wadi_runner(
-            pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution
-        )
+            pipeline or teacher, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution,
+            tokens,
+        )  # fmt: skip
     if controls:
         sampler = _controlled(sampler, controls)
     if redilate is not None:
@@ -179,7 +184,27 @@ def stock_resolution(pipe, denoiser, resolution: int | None) -> tuple[int, int]:
     return side, side // factor
 
 
-def _stock_runner(folder, device, dtype, resolution):
+def _read_embeddings(paths) -> dict:
+    """``{token: vector}`` of the ``--embedding`` files, checked before any model loads."""
+    from wadi.relation.embedding import read_embedding
+
+    tokens = {}
+    for path in paths:
+        token, vector = read_embedding(path)
+        if token in tokens:
+            raise ValueError(f"two --embedding files hold the token {token}; give each once")
+        tokens[token] = vector
+    return tokens
+
+
+def _check_one_clip(kind: str, two_encoders: bool, folder) -> None:
+    if two_encoders or kind not in ("sd-unet", "StableDiffusionPipeline"):
+        raise ValueError(
+            f"--embedding supports SD 1.x/2.x (one CLIP text encoder); {folder} is {kind}"
+        )
+
+
+def _stock_runner(folder, device, dtype, resolution, embeddings=()):
     """Run the exported folder with its stock diffusers pipeline and the call its
     ``wadi_export.json`` records (steps, sigmas or timesteps, FLUX's guidance input)."""
     from diffusers import DiffusionPipeline
@@ -190,6 +215,13 @@ def _stock_runner(folder, device, dtype, resolution):
     with reporting_damaged_files(folder):
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if embeddings:
+        from wadi.relation.embedding import check_token_embeddings
+
+        _check_one_clip(type(pipe).__name__, "tokenizer_2" in pipe.components, folder)
+        check_token_embeddings(pipe.tokenizer, pipe.text_encoder, _read_embeddings(embeddings))
+    for path in embeddings:
+        pipe.load_textual_inversion(str(path))
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     factor = pipe.vae_scale_factor
     side, size = stock_resolution(pipe, denoiser, resolution)
@@ -246,7 +278,9 @@ def set_resolution(backbone, resolution: int | None) -> int:
     return int(size) * backbone.vae_scale_factor
 
 
-def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution):
+def _wadi_runner(
+    folder, adapter, steps, guidance, alpha_bar_T, device, dtype, resolution, tokens=None
+):
     """Teacher (+ LoRaD adapter) through :mod:`wadi.backbones`: the student's generator
     (one step, or the steps a multi-step export names) or DDIM with CFG."""
     from wadi.generators import OneStep
@@ -256,6 +290,11 @@ def _wadi_runner(folder, adapter, steps, guidance, alpha_bar_T, device, dtype, r
     from .sampling import sample_multistep
 
     backbone = load_backbone(folder, dtype=dtype, device=device)
+    if tokens:
+        from wadi.relation.embedding import add_token_embeddings
+
+        _check_one_clip(backbone.kind, False, folder)
+        add_token_embeddings(backbone.tokenizer, backbone.text_encoder, tokens)
     if adapter is not None:
         from wadi.lorad import load_adapter
 
