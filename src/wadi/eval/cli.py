@@ -138,6 +138,19 @@ def register(subparsers) -> None:
     )
     score.add_argument("--k", type=int, default=3, help="neighbours of precision/recall")
     score.add_argument(
+        "--pr-extractor",
+        default=None,
+        help="features of precision/recall alone: vgg16 (Kynkaanniemi et al.'s VGG-16 fc2, "
+        "needs --pr-extractor-weights) or another extractor; default: --extractor's",
+    )
+    score.add_argument(
+        "--pr-extractor-weights",
+        type=Path,
+        default=None,
+        help="weights of --pr-extractor (vgg16: torchvision's vgg16-397923af.pth converted "
+        "to .safetensors, docs/eval.md)",
+    )
+    score.add_argument(
         "--cache-dir", type=Path, default=Path("~/.cache/wadi/eval"), help="reference feature cache"
     )
     score.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
@@ -227,10 +240,21 @@ def _score(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = clip = None
-    if {"fid", "pr"} & set(metrics):
-        if not args.reference:
-            raise ValueError("FID and precision/recall need --reference DIR (e.g. val2014)")
+    extractor = clip = pr_extractor = None
+    if {"fid", "pr"} & set(metrics) and not args.reference:
+        raise ValueError("FID and precision/recall need --reference DIR (e.g. val2014)")
+    if "pr" in metrics and args.pr_extractor and args.pr_extractor != args.extractor:
+        pr_extractor = load_extractor(
+            args.pr_extractor,
+            weights=(
+                args.pr_extractor_weights or args.inception_weights
+                if args.pr_extractor == "inception"
+                else args.pr_extractor_weights
+            ),
+            inception_resize=args.inception_resize,
+            device=device,
+        )
+    if "fid" in metrics or ("pr" in metrics and pr_extractor is None):
         extractor = load_extractor(
             args.extractor,
             weights=(
@@ -272,6 +296,7 @@ def _score(args: argparse.Namespace) -> int:
             extractor=extractor,
             clip_extractor=clip,
             preference=preference,
+            pr_extractor=pr_extractor,
             k=args.k,
             cache_dir=None if args.no_cache else args.cache_dir,
             batch_size=args.batch_size,

@@ -367,6 +367,13 @@ def _clip(folder=None, open_clip_model=None, open_clip_weights=None, device="cpu
     return TransformersCLIP(folder, device=device)
 
 
+@register_extractor("vgg16")
+def _vgg16(weights=None, device="cpu", **options):
+    from wadi.eval.vgg import VGG16Extractor  # precision/recall's VGG-16 fc2 features
+
+    return VGG16Extractor(weights=weights, device=device)
+
+
 @register_extractor("digits")
 def _digits(weights=None, device="cpu", **options):
     return DigitsExtractor(weights=weights, device=device)

@@ -80,6 +80,7 @@ def score_images(
     extractor=None,
     clip_extractor=None,
     preference: dict | None = None,
+    pr_extractor=None,
     k: int = 3,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
@@ -91,7 +92,9 @@ def score_images(
     COCO protocol, the digits evaluator for the toy demo); ``clip_extractor`` the CLIP
     embeddings.  Both are :class:`wadi.eval.extractors.FeatureExtractor` objects.
     ``preference`` maps ``pickscore``/``hpsv2`` to a
-    :class:`wadi.eval.preference.PreferenceModel`.
+    :class:`wadi.eval.preference.PreferenceModel`.  ``pr_extractor``, when given, gives
+    precision/recall its own features (VGG-16 fc2 as in Kynkaanniemi et al.), at its
+    ``default_resize``.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -112,7 +115,8 @@ def score_images(
         "results": {},
     }
     start = time.time()
-    if {"fid", "pr"} & set(metrics):
+    pr_own = "pr" in metrics and pr_extractor is not None
+    if "fid" in metrics or ("pr" in metrics and not pr_own):
         if extractor is None or reference_dir is None:
             raise ValueError(
                 "FID and precision/recall need a feature extractor and --reference DIR"
@@ -145,10 +149,27 @@ def score_images(
             small = warn_small_sample(min(len(gen), len(ref)), what)
             if small:
                 record.setdefault("warnings", []).append(small)
-        if "pr" in metrics:
+        if "pr" in metrics and not pr_own:
             precision, recall = precision_recall(ref, gen, k=k)
             record["results"].update(precision=precision, recall=recall)
             record["pr_k"] = k
+    if pr_own:
+        if reference_dir is None:
+            raise ValueError("precision/recall needs --reference DIR")
+        pr_protocol = protocol.with_resize(pr_extractor.default_resize or protocol.resize)
+        pr_ref, pr_ref_record = reference_features(
+            pr_extractor, reference_dir, pr_protocol, cache_dir, batch_size, workers
+        )
+        pr_ref_record["folder"] = str(Path(reference_dir).expanduser())
+        pr_gen = extract_features(
+            pr_extractor, paths, pr_protocol.resize, batch_size, workers,
+            desc=f"generated {pr_extractor.name}",
+        )  # fmt: skip
+        precision, recall = precision_recall(pr_ref, pr_gen, k=k)
+        record["results"].update(precision=precision, recall=recall)
+        record["pr_k"] = k
+        record["pr_extractor"] = {**pr_extractor.describe(), "resize": pr_protocol.resize}
+        record["pr_reference"] = pr_ref_record
     if "clip" in metrics:
         if clip_extractor is None:
             raise ValueError("the CLIP score needs a CLIP model: pass --clip-model DIR")
