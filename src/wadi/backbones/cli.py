@@ -67,6 +67,29 @@ def register(subparsers) -> None:
         choices=("peft", "kohya"),
         help="with --format lora: peft (diffusers load_lora_weights) or kohya (ComfyUI, A1111)",
     )
+    p.add_argument(
+        "--scores",
+        action="append",
+        metavar="FILE",
+        help="a scores.json of `wadi eval score` on this student's images: its numbers go into "
+        "the model card (repeatable)",
+    )
+    p.add_argument(
+        "--base-model",
+        metavar="ORG/NAME",
+        help="the teacher's Hub id for the card's base_model (default: known only for a teacher "
+        "in the Hugging Face cache)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="after the export, upload it to this Hub model repo (created if needed; needs "
+        "network and a token)",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    p.add_argument(
+        "--token", default=None, help="with --push-to-hub: Hub token (default: HF_TOKEN or login)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=_export)
@@ -148,6 +171,8 @@ def _export(args) -> int:
     if args.checkpoint is None and not args.adapter:
         raise ValueError("--teacher needs --adapter (a student LoRaD adapter folder)")
     fmt = getattr(args, "format", "diffusers")
+    if (args.private or args.token) and not args.push_to_hub:
+        raise ValueError("--private and --token go with --push-to-hub REPO_ID; add it or drop them")
     out, info = export(
         args.out,
         fmt=fmt,
@@ -160,6 +185,9 @@ def _export(args) -> int:
         overwrite=args.overwrite,
         lora_rank=getattr(args, "lora_rank", "full"),
         lora_keys=getattr(args, "lora_keys", "peft"),
+        base_model=getattr(args, "base_model", None),
+        scores=getattr(args, "scores", None),
+        repo_id=getattr(args, "push_to_hub", None),
     )
     if fmt == "single-file":
         print(f"wrote single-file checkpoint to {out}; sample it with {info['summary']}")
@@ -170,6 +198,20 @@ def _export(args) -> int:
         )
     else:
         print(f"wrote pipeline to {out}")
+    if getattr(args, "push_to_hub", None):
+        from .model_card import push_to_hub
+
+        if fmt == "diffusers":
+            paths, card = [out], None
+        else:
+            from .export_single_file import note_path
+
+            paths = [out, *([note_path(out)] if fmt == "single-file" else [])]
+            card = info["card"]
+        url = push_to_hub(
+            paths, args.push_to_hub, card=card, private=args.private, token=args.token
+        )
+        print(f"uploaded to {url}")
     return 0
 
 

@@ -106,6 +106,18 @@ def _teacher_of(teacher, checkpoint) -> str | None:
     return str(DistillConfig.load(config).teacher)
 
 
+def _recipe_of(checkpoint, adapter, use_ema: bool) -> dict | None:
+    """The recipe shown in the card: the run's config.yaml, or the adapter's settings."""
+    from .model_card import recipe_from_adapter, recipe_from_config
+
+    if checkpoint is not None:
+        from wadi.distill.config import DistillConfig
+
+        config = DistillConfig.load(Path(checkpoint) / "config.yaml")
+        return recipe_from_config(config, weights="ema" if use_ema else "student")
+    return recipe_from_adapter(adapter) if adapter else None
+
+
 def _check_file_out(out: Path, overwrite: bool, fmt: str, *inputs) -> None:
     from wadi.paths import check_output_separate
 
@@ -133,14 +145,24 @@ def export(
     overwrite: bool = False,
     lora_rank: str | int | None = None,
     lora_keys: str = "peft",
+    base_model: str | None = None,
+    scores: list[str | os.PathLike] | None = None,
+    repo_id: str | None = None,
 ) -> tuple[Path, dict]:
     """Write the student in ``fmt``; returns ``(path, info)`` (info: the note or LoRA summary).
 
     Give either ``checkpoint`` (a run's ``final/`` or ``checkpoints/step-*``) or
     ``teacher`` + ``adapter``.  Bad paths and flags fail before anything loads.
+
+    Every export gets a model card (:mod:`.model_card`): ``README.md`` in the folder, or
+    ``NAME.md`` beside a single file / LoRA (``info["card"]``).  ``base_model`` (a Hub id;
+    default: the teacher's when it is a Hub cache snapshot), ``scores`` (``scores.json``
+    files of ``wadi eval score``) and ``repo_id`` (the Hub repo the card's snippet loads
+    from) go into it.
     """
     from .export import check_export_output, export_student, parse_dtype
     from .export_lora import KEY_STYLES, parse_rank
+    from .model_card import check_repo_id, read_scores
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -154,6 +176,12 @@ def export(
             raise ValueError(
                 f"--lora-keys must be one of {', '.join(KEY_STYLES)}, got {lora_keys!r}"
             )
+    if base_model is not None:
+        check_repo_id(base_model, "--base-model")
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    for path in scores or []:
+        read_scores(path)  # a wrong scores file fails now, not after the export
     out = Path(out)
     inputs = [teacher, adapter, checkpoint]
     teacher_dir = _teacher_of(teacher, checkpoint)
@@ -175,6 +203,17 @@ def export(
         )
     # the merged student is fp32 in memory: fp32 needs no cast; conversions read fp32
     folder_dtype = dtype if fmt == "diffusers" and dtype != torch.float32 else None
+    from wadi.files import write_text
+    from wadi.paths import writing_output
+
+    from .model_card import (
+        CARD_NAME,
+        file_card,
+        file_card_path,
+        hub_id_of,
+        write_model_card,
+    )
+
     stage = temp_dir_beside(out)
     try:
         folder = stage / "pipeline"
@@ -184,19 +223,46 @@ def export(
             export_checkpoint(checkpoint, folder, use_ema=use_ema, dtype=folder_dtype)
         else:
             export_student(teacher, adapter, folder, alpha_bar_T, dtype=folder_dtype)
+        card = dict(
+            base_model=base_model or hub_id_of(teacher_dir),
+            recipe=_recipe_of(checkpoint, adapter, use_ema),
+            scores=scores,
+        )
         if fmt == "diffusers":
             variant = apply_variant_names(folder, dtype)
+            write_model_card(folder, load_from=repo_id or str(out), **card)
             replace_directory(folder, out)
-            return out, {"dtype": str(dtype).removeprefix("torch."), "variant": variant}
+            info = {"dtype": str(dtype).removeprefix("torch."), "variant": variant}
+            return out, {**info, "card": str(out / CARD_NAME)}
+        write_model_card(folder, base_model=card["base_model"], recipe=card["recipe"])
         if fmt == "single-file":
             from .export_single_file import note_path, save_single_file
 
             path = save_single_file(folder, out, dtype=dtype, overwrite=overwrite)
-            return path, json.loads(note_path(path).read_text())
-        from .export_lora import save_lora
+            info = json.loads(note_path(path).read_text())
+        else:
+            from .export_lora import save_lora
 
-        return save_lora(
-            teacher_dir, folder, out, lora_rank, keys=lora_keys, dtype=dtype, overwrite=overwrite
+            path, info = save_lora(
+                teacher_dir,
+                folder,
+                out,
+                lora_rank,
+                keys=lora_keys,
+                dtype=dtype,
+                overwrite=overwrite,
+            )
+        text = file_card(
+            path,
+            fmt,
+            folder,
+            info={**info, "dtype": str(dtype).removeprefix("torch.")},
+            repo_id=repo_id,
+            scores=scores,
         )
+        card_path = file_card_path(path)
+        with writing_output(card_path):
+            write_text(card_path, text)
+        return path, {**info, "card": str(card_path)}
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -53,9 +53,14 @@ def model_fingerprint(folder: str | Path) -> str:
     from wadi.eval.inception import file_sha256
 
     folder = Path(folder)
+    # a wadi export's model card is documentation, not the model: writing or refreshing it
+    # (scores added) must not make the same weights look like another model
+    card = {"README.md", "wadi_scores.json"} if (folder / "wadi_export.json").is_file() else ()
     entries = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
+        if rel in card:
+            continue
         by_content = path.suffix in (".json", ".txt", ".model") or rel.split("/")[0] in (
             "unet",
             "transformer",
