@@ -275,6 +275,7 @@ def save_pipeline(
     *,
     dtype: torch.dtype | str | None = None,
     generator=None,
+    scheduler=None,
 ) -> Path:
     """Write a stock diffusers pipeline folder with ``denoiser`` (merged, plain modules).
 
@@ -287,6 +288,8 @@ def save_pipeline(
     then.  ``dtype`` casts the saved weights (the modules in memory are unchanged).
     Pixel-space teachers (no VAE) get the same layout without ``vae/``; they
     load with :func:`wadi.backbones.load_backbone`.
+    ``scheduler`` (a multi-step model, e.g. a ``wadi finetune`` result) is written as it
+    is instead; ``wadi_export.json`` then records no one-step call.
     """
     from wadi.lorad import lorad_layers
 
@@ -296,13 +299,17 @@ def save_pipeline(
             "name) before saving a pipeline"
         )
     dtype = parse_dtype(dtype)
+    own = scheduler is not None
+    if own and (generator is not None or alpha_bar_T is not None):
+        raise ValueError("a pipeline with its own scheduler takes no generator or alpha_bar_T")
     if generator is None:
         from wadi.generators import OneStep
 
         generator = OneStep(999, alpha_bar_T)
     elif alpha_bar_T is not None and generator.alpha_bar_T is None:
         raise ValueError("pass alpha_bar_T through the generator, not beside it")
-    scheduler = student_scheduler(backbone.scheduler, generator)
+    if not own:
+        scheduler = student_scheduler(backbone.scheduler, generator)
     pipeline_cls, components = backbone._pipeline_components(denoiser, scheduler)
     directory = Path(directory)
     with writing_output(directory), atomic_directory(directory) as tmp:
@@ -312,6 +319,15 @@ def save_pipeline(
             pipeline_cls(**components).save_pretrained(tmp, safe_serialization=True)
         if dtype is not None:
             _cast_safetensors(tmp, dtype)
+        if own:  # a multi-step model: sampled as a base (wadi generate --teacher DIR --steps 25)
+            info = {
+                "teacher": str(backbone.path) if backbone.path else None,
+                "kind": backbone.kind,
+                "scheduler": type(scheduler).__name__,
+                "multi_step_model": True,
+            }
+            (tmp / "wadi_export.json").write_text(json.dumps(info, indent=2) + "\n")
+            return directory
         call = pipeline_call(backbone, generator)
         info = {
             "teacher": str(backbone.path) if backbone.path else None,
@@ -376,7 +392,7 @@ def export_student(
     run's ``fake_adapter`` is refused by its recorded role).
     """
     from wadi.lorad import load_adapter, merge_and_unload
-    from wadi.lorad.io import require_role
+    from wadi.lorad.io import adapter_role, require_role
 
     from .registry import load_backbone
 
@@ -386,8 +402,14 @@ def export_student(
         check_alpha_bar(alpha_bar_T)
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found")
-    require_role(adapter_dir, "student")
+    require_role(adapter_dir, ("student", "finetune"))
+    # a wadi finetune adapter tunes a multi-step model: it keeps the base's own scheduler
+    tuned = adapter_role(adapter_dir) == "finetune"
+    if tuned and alpha_bar_T is not None:
+        raise ValueError("--alpha-bar-T is for one-step students; a finetune adapter takes none")
     backbone = load_backbone(teacher, dtype=torch.float32, device=device)
     load_adapter(backbone.denoiser, adapter_dir, "student")
     denoiser = merge_and_unload(backbone.denoiser, "student")
+    if tuned:
+        return save_pipeline(backbone, denoiser, out, dtype=dtype, scheduler=backbone.scheduler)
     return save_pipeline(backbone, denoiser, out, alpha_bar_T, dtype=dtype)

@@ -93,6 +93,11 @@ class Parametrization:
         """The noise the denoiser's ``output`` at ``x_t`` implies (float32 or wider)."""
         raise NotImplementedError
 
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the denoiser is trained to output at ``add_noise(x0, eps, t)`` (float32 or
+        wider): the denoising loss's regression target in this parametrization."""
+        raise NotImplementedError
+
     def eps_to_x0(self, eps: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """``x0 = (x_t - sigma eps) / alpha`` for any path."""
         alpha, sigma = self.alpha_sigma(self._index(t))
@@ -176,6 +181,17 @@ class DiscreteParametrization(Parametrization):
         table[int(t)] = value
         return DiscreteParametrization(table, self.prediction_type)
 
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """eps, ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` or x0, by ``prediction_type``."""
+        dtype = compute_dtype(x0)
+        if self.prediction_type == "epsilon":
+            return eps.to(dtype)
+        if self.prediction_type == "sample":
+            return x0.to(dtype)
+        alpha, sigma = self.alpha_sigma(self._index(t))
+        a, s = _per_sample(alpha, x0), _per_sample(sigma, x0)
+        return a * eps.to(dtype) - s * x0.to(dtype)
+
     def to_eps(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         t = self._index(t)
         alpha, sigma = self.alpha_sigma(t)
@@ -246,6 +262,12 @@ class FlowMatchingParametrization(Parametrization):
         alpha, _ = self.alpha_sigma(self._index(t))
         a = _per_sample(alpha, x_t)
         return x_t.to(a.dtype) + a * output.to(a.dtype)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The velocity ``v = eps - x0`` (the same at every level)."""
+        self._index(t)  # a step outside the schedule is refused here too
+        dtype = compute_dtype(x0)
+        return eps.to(dtype) - x0.to(dtype)
 
 
 def from_scheduler(scheduler) -> Parametrization:

@@ -103,19 +103,22 @@ def _field_default(f):
     return None
 
 
-def _add_config_flags(p) -> None:
-    """One flag per DistillConfig field: type, default and help come from the dataclass.
+def _add_config_flags(p, config_cls=None, helps=None, spellings=None) -> None:
+    """One flag per field of ``config_cls`` (DistillConfig): type, default and help come from
+    the dataclass (``helps`` and ``spellings`` extend HELP and SPELLINGS).
 
     The argparse default is None (not given), so a ``--config`` file's value stands unless
     a flag is passed; the dataclass default is shown in the help.
     """
     from .config import DistillConfig
 
-    hints = typing.get_type_hints(DistillConfig)
-    for f in dataclasses.fields(DistillConfig):
-        flag = SPELLINGS.get(f.name, "--" + f.name.replace("_", "-"))
+    config_cls = config_cls or DistillConfig
+    helps, spellings = {**HELP, **(helps or {})}, {**SPELLINGS, **(spellings or {})}
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = spellings.get(f.name, "--" + f.name.replace("_", "-"))
         default = _field_default(f)
-        text = f.metadata.get("help") or HELP.get(f.name, "")
+        text = f.metadata.get("help") or helps.get(f.name, "")
         kind = hints[f.name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         inner = args[0] if typing.get_origin(kind) in (typing.Union, types.UnionType) else kind

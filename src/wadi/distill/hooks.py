@@ -199,7 +199,9 @@ def default_hooks(
         if run.config.progress:
             hooks.append(ProgressHook(summary))
         writer = TensorBoardHook(Path(run.config.output_dir))
-        hooks += [writer, ValidationHook(writer, dtype)]
+        hooks.append(writer)
+        if hasattr(run.config, "validation_prompts"):  # recipes without validation skip it
+            hooks.append(ValidationHook(writer, dtype))
     hooks.append(CheckpointHook())
     if callback is not None and run.is_main and callback_every:
         hooks.append(CallbackHook(callback, callback_every))

@@ -5,7 +5,10 @@ continues exactly), one iteration (generator update, then fake-score update(s):
 :mod:`wadi.distill.iteration`), then the hooks (EMA, progress, TensorBoard, samples,
 checkpoints: :mod:`wadi.distill.hooks`).  What the run holds is built in
 :mod:`wadi.distill.run`; the objective, generator and adapters are parts chosen by the
-config, so a new one never changes this file.
+config, so a new one never changes this file.  Another training recipe over the same
+loop (fine-tuning: :mod:`wadi.finetune`) passes a :class:`Recipe`: its own run builder
+(iteration, data, trained parts) and ``final/`` writer; lock, hooks, checkpoints and
+resume stay this code.
 
 Multi-process: every process holds the same frozen base; adapter gradients are averaged
 with one all-reduce per optimizer step (:mod:`wadi.distill.distributed`).
@@ -31,7 +34,19 @@ from .roles import FAKE
 from .run import DTYPES, NonFiniteError, build_run
 from .run_state import write_final
 
-__all__ = ["train", "TrainResult", "NonFiniteError", "batch_indices"]
+__all__ = ["train", "TrainResult", "Recipe", "NonFiniteError", "batch_indices"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training command brings to the loop (WaDi's by default): ``build_run(config,
+    device, rank, world, resume, overwrite) -> (Run, config)``, ``write_final(run) -> Path``
+    and ``summary(config, backbone, counts, **facts) -> str`` (the start block)."""
+
+    build_run: Callable = build_run
+    write_final: Callable = write_final
+    summary: Callable = report.summary
+    command: str = "wadi distill"
 
 
 @dataclass
@@ -54,18 +69,21 @@ def train(
     overwrite: bool = False,
     callback: Callable[[int, dict], None] | None = None,
     callback_every: int = 0,
+    recipe: Recipe | None = None,
 ) -> TrainResult:
     """Distill ``config.teacher`` into a one- or few-step student (see the module docstring).
 
     ``callback(step, context)`` runs on the main process every ``callback_every`` steps
     (and at step 0) with ``context`` holding ``backbone``, ``roles``, ``generator``,
     ``alpha_bar_T``, ``config`` and ``ema`` (the student's EMA tensors or None); it must
-    not use the training RNG.
+    not use the training RNG.  ``recipe`` swaps in another training recipe (see the module
+    docstring).
     """
     from accelerate import PartialState
 
     from wadi.devices import resolve_device, warn_if_half_on_cpu
 
+    recipe = recipe or Recipe()
     config.validate()
     config.check_inputs()
     config = config.with_absolute_paths()  # config.yaml then works from any folder
@@ -75,7 +93,7 @@ def train(
     if wanted is not None and wanted != "cpu" and state.num_processes == 1:
         device = torch.device(wanted)
     if rank == 0:
-        warn_if_half_on_cpu(device, config.mixed_precision, "wadi distill")
+        warn_if_half_on_cpu(device, config.mixed_precision, recipe.command)
     if dist.is_available() and dist.is_initialized():
         # the launcher's process group is the truth (accelerate on CPU may report one process)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -89,7 +107,9 @@ def train(
     if not all_true(error is None, device):
         raise error or ValueError(f"the main process could not lock {config.output_dir}")
     try:
-        result = _train(config, device, rank, world, resume, overwrite, callback, callback_every)
+        result = _train(
+            config, device, rank, world, resume, overwrite, callback, callback_every, recipe
+        )
     except BaseException as err:
         if lock is not None:
             lock.release_after_failure()
@@ -103,10 +123,10 @@ def train(
     return result
 
 
-def _train(config, device, rank, world, resume, overwrite, callback, callback_every):
+def _train(config, device, rank, world, resume, overwrite, callback, callback_every, recipe):
     """The loop itself, run while the main process holds the run folder's lock."""
-    run, config = build_run(config, device, rank, world, resume, overwrite)
-    summary = report.summary(
+    run, config = recipe.build_run(config, device, rank, world, resume, overwrite)
+    summary = recipe.summary(
         config, run.backbone, run.counts, device=device, dtype=DTYPES[config.mixed_precision],
         world=world, step=run.step, resume_from=run.resume_from,
     )  # fmt: skip
@@ -138,10 +158,12 @@ def _train(config, device, rank, world, resume, overwrite, callback, callback_ev
     from wadi import lorad
 
     student_state = {k: v.detach().clone() for k, v in run.roles.student_named_state().items()}
-    fake_state = {
-        k: v.detach().clone() for k, v in lorad.adapter_state_dict(run.roles.base, FAKE).items()
-    }
-    final_dir = write_final(run) if run.is_main else None
+    fake_state = (
+        {k: v.detach().clone() for k, v in lorad.adapter_state_dict(run.roles.base, FAKE).items()}
+        if run.roles.has_fake
+        else {}
+    )
+    final_dir = recipe.write_final(run) if run.is_main else None
     barrier()
     return TrainResult(
         Path(config.output_dir), final_dir, run.step, run.skipped, history, seconds,

@@ -28,6 +28,8 @@ STUDENT, FAKE = "student", "fake"
 class Roles:
     """Owns the adapters on ``backbone.denoiser`` and switches between roles."""
 
+    has_fake = True  # a fake score exists (recipes without one, like fine-tuning, say False)
+
     def __init__(
         self,
         backbone,

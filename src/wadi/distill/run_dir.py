@@ -215,7 +215,7 @@ def prepare_output_dir(
     existing = out / "config.yaml"
     if resume:
         if existing.is_file():
-            previous = DistillConfig.load(existing)
+            previous = type(config).load(existing)
             diffs = previous.differences(config)
             if diffs:
                 raise ValueError(
@@ -224,7 +224,7 @@ def prepare_output_dir(
                 )
         return ckpt.resolve_resume(out, resume, warn)
     if existing.is_file() and not overwrite:
-        previous = DistillConfig.load(existing)
+        previous = type(config).load(existing)
         diffs = previous.differences(config)
         what = f"a run with a different config ({', '.join(diffs)})" if diffs else "a run"
         raise ValueError(

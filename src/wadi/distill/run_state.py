@@ -30,7 +30,8 @@ def write_weights(folder: Path, config, roles, ema) -> None:
     ckpt.save_tensors(roles.student_named_state(), folder / "student.safetensors")
     if roles.adapter == "lorad":
         lorad.save_adapter(roles.base, folder / "student_adapter", "student")
-    lorad.save_adapter(roles.base, folder / "fake_adapter", FAKE)
+    if roles.has_fake:
+        lorad.save_adapter(roles.base, folder / "fake_adapter", FAKE)
     if ema is not None:
         ckpt.save_tensors(ema.tensors, folder / "ema.safetensors")
 
@@ -101,11 +102,12 @@ def load_checkpoint(path: Path, run) -> None:
     with torch.no_grad():
         for name, value in saved.items():
             current[name].copy_(value)
-        fake_state = ckpt.load_tensors(path / "fake_adapter" / lorad.io.WEIGHTS_NAME)
-        layers = dict(lorad.lorad_layers(roles.base))
-        for key, value in fake_state.items():
-            module, _, which = key.rpartition(".")
-            getattr(layers[module], which)[FAKE].copy_(value)
+        if roles.has_fake:
+            fake_state = ckpt.load_tensors(path / "fake_adapter" / lorad.io.WEIGHTS_NAME)
+            layers = dict(lorad.lorad_layers(roles.base))
+            for key, value in fake_state.items():
+                module, _, which = key.rpartition(".")
+                getattr(layers[module], which)[FAKE].copy_(value)
         if run.ema is not None:
             run.ema.load(ckpt.load_tensors(path / "ema.safetensors"))
     for name, module in run.modules.items():

@@ -26,8 +26,9 @@ from .config import CONFIG_NAME, LoRaDConfig
 from .model import adapter_config, adapter_names, attach, lorad_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-#: roles of a distillation run's adapters; an adapter with that name gets that role by default
-ROLES = ("student", "fake")
+#: roles of a run's adapters (a distillation's student and fake score, a fine-tuned model's
+#: adapter); an adapter named "student" or "fake" gets that role by default
+ROLES = ("student", "fake", "finetune")
 
 __all__ = [
     "save_adapter",
@@ -67,7 +68,7 @@ def save_adapter(
     ``role`` ("student" or "fake") is recorded in ``adapter_config.json``; by default an
     adapter named "student" or "fake" gets that role and any other name none.
     """
-    if role is None and adapter_name in ROLES:
+    if role is None and adapter_name in ("student", "fake"):
         role = adapter_name
     if role is not None and role not in ROLES:
         raise ValueError(f"adapter role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -99,10 +100,13 @@ def adapter_role(directory: str | os.PathLike) -> str | None:
     return data.get("role") if isinstance(data, dict) else None
 
 
-def require_role(directory: str | os.PathLike, role: str) -> None:
-    """Refuse an adapter whose recorded role is not ``role`` (no recorded role passes)."""
+def require_role(directory: str | os.PathLike, role: str | tuple[str, ...]) -> None:
+    """Refuse an adapter whose recorded role is not ``role`` (or one of them; no recorded
+    role passes)."""
+    roles = (role,) if isinstance(role, str) else tuple(role)
+    role = roles[0]
     found = adapter_role(directory)
-    if found is not None and found != role:
+    if found is not None and found not in roles:
         hint = (
             " (the run's fake score, trained only to guide the student)" if found == "fake" else ""
         )
