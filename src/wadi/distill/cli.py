@@ -54,6 +54,8 @@ HELP = {
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "compile": "torch.compile the shared denoiser",
     "compile_backend": "torch.compile backend: inductor, or aot_eager (no C++ compiler needed)",
+    "fsdp": "shard the frozen denoiser across the launched processes (FSDP2, one unit per block); "
+    "adapters and their optimizer state stay whole on every process; needs >= 2 processes",
     "ema_decay": "EMA decay of the student (default: no EMA, as the paper)",
     "export_ema": "with --ema-decay: final/pipeline holds the EMA weights",
     "max_nonfinite_steps": "stop after this many non-finite steps in a row",

@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "max_nonfinite_steps",
         "progress",
         "device",
+        "fsdp",  # how the frozen base is laid out; the checkpoint files are the same
     }
 )
 
@@ -122,6 +123,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the denoiser (student, fake and teacher share it)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager needs no compiler)
+    fsdp: bool = False  # shard the frozen denoiser across processes (FSDP2); adapters stay whole
     ema_decay: float | None = None  # None: no EMA (the paper uses none)
     export_ema: bool = True  # with ema_decay: final/pipeline holds the EMA weights
     max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
@@ -217,6 +219,20 @@ class DistillConfig:
                 f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
             ),
             (self.gan_weight >= 0, f"gan_weight must be >= 0, got {self.gan_weight}"),
+            (
+                not self.fsdp or self.adapter != "full",
+                "--fsdp shards the frozen base, but --adapter full trains a whole copy of it; use "
+                "--adapter lorad, lora or dora, or drop --fsdp",
+            ),
+            (
+                not (self.fsdp and self.gan_weight),
+                "--fsdp with --gan-weight is not supported (the GAN head stops the denoiser "
+                "halfway, inside a sharded block); drop one of them",
+            ),
+            (
+                not (self.fsdp and self.compile),
+                "--fsdp with --compile is not supported (untested together); drop one of them",
+            ),
             (
                 not self.gan_weight or bool(self.real_images),
                 "gan_weight > 0 needs real images: pass --real-images DIR (a folder of PNG/JPEG)",

@@ -148,6 +148,8 @@ class ValidationHook(Hook):
         )
         with autocast, run.roles.student():
             x0 = run.generator.sample(backbone, z, cond, g)
+        if not run.is_main:  # --fsdp: every process ran the sharded denoiser; one writes
+            return
         images = backbone.decode(x0.float())
         path = Path(config.output_dir) / "samples" / f"{ckpt.step_dir_name(run.step)}.png"
         grid = save_image_grid(images, path, nrow=min(len(prompts), 8))
@@ -202,6 +204,8 @@ def default_hooks(
         hooks.append(writer)
         if hasattr(run.config, "validation_prompts"):  # recipes without validation skip it
             hooks.append(ValidationHook(writer, dtype))
+    elif getattr(run.config, "fsdp", False) and getattr(run.config, "validation_prompts", None):
+        hooks.append(ValidationHook(None, dtype))  # the sharded denoiser needs every process
     hooks.append(CheckpointHook())
     if callback is not None and run.is_main and callback_every:
         hooks.append(CallbackHook(callback, callback_every))

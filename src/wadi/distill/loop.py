@@ -86,6 +86,11 @@ def train(
     recipe = recipe or Recipe()
     config.validate()
     config.check_inputs()
+    if getattr(config, "fsdp", False) and callback is not None and callback_every:
+        raise ValueError(
+            "a callback runs on the main process only, but with --fsdp the denoiser needs "
+            "every process; train without the callback or without fsdp"
+        )
     config = config.with_absolute_paths()  # config.yaml then works from any folder
     wanted = resolve_device(config.device) if config.device else None  # one line if absent
     state = PartialState(cpu=wanted == "cpu")

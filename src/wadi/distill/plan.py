@@ -9,14 +9,19 @@ from their safetensors headers.  The plan counts what is resident for the whole 
   moments (fp32; ``adamw8bit``: one byte each), the student's EMA (fp32) if any.
 
 Activations are not in it: they depend on resolution, batch and checkpointing and are
-measured on a GPU by ``benchmarks/gpu_check.sh``.  With ``fsdp_processes = N`` the frozen
-denoiser's share is ``1/N`` per process (what sharding the base would give; wadi does not
-shard yet, so that column is a plan, and the table says so).
+measured on a GPU by ``benchmarks/gpu_check.sh``.  Sharded over ``N`` processes
+(``--fsdp``, :mod:`wadi.distill.fsdp`) each frozen denoiser weight is split along its first
+dimension, padded to a multiple of ``N`` as FSDP2 does, so a process holds
+``ceil(d0 / N) * rest`` elements of it (exactly the largest local shard a run holds,
+``tests/distill/test_fsdp.py``); the adapters stay whole.  While a block runs its weights
+are gathered whole: the plan's ``largest_block`` (up to two at a time when the next
+block's all-gather overlaps on a GPU).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +48,20 @@ class MemoryPlan:
     student_params: int
     fake_params: int
     base_params: int
+    #: (first dimension, elements per row) of every frozen denoiser weight, for sharding
+    denoiser_rows: tuple[tuple[int, int], ...] = ()
+    largest_block: int = 0  # bytes of the largest FSDP unit, gathered while it runs
+
+    def sharded_denoiser(self, shards: int = 1) -> int:
+        """Bytes of the frozen denoiser on one process with ``shards`` processes (FSDP2)."""
+        if shards <= 1 or not self.denoiser_rows:
+            return self.denoiser if shards <= 1 else -(-self.denoiser // shards)
+        width = self.denoiser // sum(d0 * rest for d0, rest in self.denoiser_rows)
+        return width * sum(-(-d0 // shards) * rest for d0, rest in self.denoiser_rows)
 
     def total(self, shards: int = 1) -> int:
         return (
-            self.denoiser // shards
+            self.sharded_denoiser(shards)
             + self.text_encoders
             + self.vae
             + self.student
@@ -106,6 +121,7 @@ def plan_for_denoiser(
     width = _DTYPE_BYTES[config.mixed_precision]
     moments = 2 * (1 if config.optimizer == "adamw8bit" else 4)
     trained = student + fake
+    rows, blocks = _frozen_layout(denoiser)
     return MemoryPlan(
         denoiser=base * width,
         text_encoders=0 if config.embeddings else text_encoder_params * width,
@@ -118,7 +134,25 @@ def plan_for_denoiser(
         student_params=student,
         fake_params=fake,
         base_params=base,
+        denoiser_rows=rows,
+        largest_block=max(blocks, default=0) * width,
     )
+
+
+def _frozen_layout(denoiser) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+    """(d0, rest) of each frozen weight, and the frozen elements of each FSDP unit
+    (every block, then the root's rest), on a denoiser with its adapters attached."""
+    from .fsdp import block_names
+
+    def frozen(module):
+        return [p for n, p in module.named_parameters() if "lorad_" not in n and "lora_" not in n]
+
+    params = frozen(denoiser)
+    rows = tuple((p.shape[0], math.prod(p.shape[1:])) if p.dim() else (1, 1) for p in params)
+    sizes = [
+        sum(p.numel() for p in frozen(denoiser.get_submodule(n))) for n in block_names(denoiser)
+    ]
+    return rows, [*sizes, sum(p.numel() for p in params) - sum(sizes)]
 
 
 def plan_run(config) -> MemoryPlan:
@@ -162,7 +196,11 @@ def format_plan(plan: MemoryPlan, processes: tuple[int, ...] = (1, 8)) -> str:
     for n in processes:
         if n > 1:
             lines.append(
-                f"{f'total, base sharded over {n} (planned)':<{width}}{gib(plan.total(n)):>12}"
+                f"{f'total, base sharded over {n} (--fsdp)':<{width}}{gib(plan.total(n)):>12}"
             )
+    if plan.largest_block and any(n > 1 for n in processes):
+        lines.append(
+            f"{'  + largest block, gathered (--fsdp)':<{width}}{gib(plan.largest_block):>12}"
+        )
     lines.append("activations are not included (benchmarks/gpu_check.sh measures them)")
     return "\n".join(lines)

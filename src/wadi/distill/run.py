@@ -100,6 +100,10 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
     resume_from = run_dir.prepare_output_dir(
         config, resume, overwrite, run_dir.warn if is_main else None
     )
+    if config.fsdp:  # before anything loads: one line for one process or a backend that can't
+        from .fsdp import check_process_group
+
+        check_process_group(world, device)
     dtype = DTYPES[config.mixed_precision]
     backbone = load_backbone(
         config.teacher,
@@ -135,6 +139,10 @@ def build_run(config, device, rank: int, world: int, resume, overwrite) -> tuple
     if config.gradient_checkpointing:
         roles.enable_gradient_checkpointing()
     roles.train()
+    if config.fsdp:  # the frozen base sharded per block; the adapters stay whole
+        from .fsdp import shard_base
+
+        shard_base(roles, device, world)
     if config.compile:
         backbone.denoiser.compile(backend=config.compile_backend)
     data = PromptSource(config, backbone, device)

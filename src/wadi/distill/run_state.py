@@ -139,7 +139,12 @@ def write_final(run) -> Path:
         }
         if config.export_pipeline:
             use_ema = ema is not None and config.export_ema
-            merged = roles.merged_student(ema.tensors if use_ema else None)
+            source = roles
+            if getattr(config, "fsdp", False):  # the base is sharded: merge into a whole copy
+                from .fsdp import plain_roles
+
+                source = plain_roles(run)
+            merged = source.merged_student(ema.tensors if use_ema else None)
             summary["pipeline_weights"] = "ema" if use_ema else "student"
             save_pipeline(run.backbone, merged, tmp / "pipeline", generator=run.generator)
             summary["pipeline"] = "pipeline"
