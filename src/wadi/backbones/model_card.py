@@ -36,6 +36,7 @@ __all__ = [
     "add_scores",
     "folder_card",
     "write_model_card",
+    "update_card_from_scores",
     "file_card",
     "file_card_path",
     "push_to_hub",
@@ -206,9 +207,9 @@ def add_scores(folder: str | os.PathLike, summaries: list[dict]) -> list[dict]:
 def _metric_label(name: str, extractor: str | None) -> str:
     if name == "fid":
         return "FID" if extractor in (None, "inception") else f"FD ({extractor} features)"
-    return {"clip_score": "CLIP score", "precision": "precision", "recall": "recall"}.get(
-        name, name
-    )
+    labels = {"clip_score": "CLIP score", "precision": "precision", "recall": "recall"}
+    labels |= {"pickscore": "PickScore", "hpsv2": "HPSv2"}  # wadi.eval.preference
+    return labels.get(name, name)
 
 
 def _scores_section(scores: list[dict], fingerprint: str | None) -> list[str]:
@@ -310,8 +311,8 @@ def _read_json(path: Path) -> dict:
 def folder_card(folder: str | os.PathLike, *, load_from: str | None = None) -> str:
     """The ``README.md`` text of a ``wadi export`` diffusers folder (read from the folder).
 
-    ``load_from`` is what the snippet passes to ``from_pretrained``: the Hub repo id when
-    the folder is pushed, else the folder's path.
+    ``load_from`` is what the snippet passes to ``from_pretrained`` when the folder has no
+    recorded Hub repo (``repo_id`` in ``wadi_export.json``); default: the folder's path.
     """
     folder = Path(folder)
     info = _read_json(folder / "wadi_export.json")
@@ -327,7 +328,7 @@ def folder_card(folder: str | os.PathLike, *, load_from: str | None = None) -> s
     call = info.get("pipeline_call") or {"num_inference_steps": 1, "guidance_scale": 1.0}
     timesteps = info.get("timesteps") or [999]
     teacher = _teacher_name(info, base_model)
-    load_from = load_from or str(folder)
+    load_from = info.get("repo_id") or load_from or str(folder)
     prompt = EXAMPLE_PROMPT
     if recipe and recipe.get("validation_prompts"):
         prompt = recipe["validation_prompts"][0]
@@ -389,25 +390,49 @@ def write_model_card(
     base_model: str | None = None,
     recipe: dict | None = None,
     scores: list[str | os.PathLike] | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write ``folder/README.md``; ``base_model`` and ``recipe`` are recorded in
-    ``wadi_export.json`` and ``scores`` (``scores.json`` files) in ``wadi_scores.json``
-    first, so a later rewrite keeps them."""
+    """Write ``folder/README.md``; ``base_model``, ``recipe`` and ``repo_id`` (the Hub repo
+    the folder goes to) are recorded in ``wadi_export.json`` and ``scores`` (``scores.json``
+    files) in ``wadi_scores.json`` first, so a later rewrite keeps them."""
     from wadi.files import write_json, write_text
 
     folder = Path(folder)
     summaries = [read_scores(p) for p in scores or []]
-    if base_model is not None or recipe is not None:
+    changes = {"base_model": base_model, "recipe": recipe, "repo_id": repo_id}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:
         info_path = folder / "wadi_export.json"
-        info = _read_json(info_path)
-        if base_model is not None:
-            info["base_model"] = base_model
-        if recipe is not None:
-            info["recipe"] = recipe
-        write_json(info_path, info)
+        write_json(info_path, {**_read_json(info_path), **changes})
     if summaries:
         add_scores(folder, summaries)
     return write_text(folder / CARD_NAME, folder_card(folder, load_from=load_from))
+
+
+def update_card_from_scores(scores_file: str | os.PathLike) -> Path:
+    """``wadi eval score --model-card``: add a scores file's numbers to the card of the
+    ``wadi export`` folder its images came from; returns the card.
+
+    The folder must still hold the weights that made the images (same fingerprint, card
+    files aside), or the numbers would describe another model.
+    """
+    from wadi.eval.generate import model_fingerprint
+
+    summary = read_scores(scores_file)
+    record = json.loads(Path(scores_file).expanduser().read_text())
+    folder = Path(str(record["generation"].get("model", "")))
+    if not (folder / "wadi_export.json").is_file():
+        raise ValueError(
+            f"the images of {scores_file} came from {folder}, which is not a `wadi export` "
+            "folder (no wadi_export.json); drop --model-card, or pass the scores to "
+            "`wadi export --scores`"
+        )
+    if model_fingerprint(folder) != summary["model_sha256"]:
+        raise ValueError(
+            f"{folder} changed since its images were generated (other weights or configs); "
+            "regenerate the images from it, or drop --model-card"
+        )
+    return write_model_card(folder, scores=[scores_file])
 
 
 # -- single files and LoRAs ---------------------------------------------------------------------
