@@ -16,6 +16,7 @@ from pathlib import Path
 # module that holds ``register(subparsers)``, in the order shown by --help
 COMMAND_MODULES = (
     "wadi.distill.cli",  # distill
+    "wadi.finetune.cli",  # finetune
     "wadi.data.cli",  # embed
     "wadi.backbones.cli",  # export, generate
     "wadi.toy.cli",  # demo, ablate, toy
