@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "wadi.analysis.cli",  # analyze
     "wadi.eval.cli",  # eval
     "wadi.lorad.cli",  # adapter-info
+    "wadi.serve.cli",  # serve
     "wadi.relation.cli",  # invert-relation
 )
 
