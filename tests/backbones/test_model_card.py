@@ -91,6 +91,28 @@ def test_scores_go_into_the_card_and_the_card_is_not_the_model(
     assert len(json.loads((again / "wadi_scores.json").read_text())) == 2
 
 
+def test_eval_score_model_card_updates_the_folder_its_images_came_from(exported, tmp_path):
+    from wadi.backbones.model_card import update_card_from_scores
+
+    folder = tmp_path / "student"
+    shutil.copytree(exported, folder, symlinks=True)
+    scores = _scores_file(tmp_path / "scores.json", model_fingerprint(folder), fid=7.25)
+    record = json.loads(scores.read_text())
+    record["generation"]["model"] = str(folder)
+    scores.write_text(json.dumps(record))
+    assert update_card_from_scores(scores) == folder / "README.md"
+    assert "| FD (digits features) | 7.25 |" in (folder / "README.md").read_text()
+    assert "these weights" in (folder / "README.md").read_text()
+    info = json.loads((folder / "wadi_export.json").read_text())
+    (folder / "wadi_export.json").write_text(json.dumps({**info, "timesteps": [500]}))
+    with pytest.raises(ValueError, match="changed since its images were generated"):
+        update_card_from_scores(scores)
+    record["generation"]["model"] = str(tmp_path)
+    scores.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="not a `wadi export` folder"):
+        update_card_from_scores(scores)
+
+
 @pytest.mark.parametrize(
     "content,expected",
     [
@@ -174,6 +196,9 @@ def test_push_to_hub_uploads_the_folder_with_its_card(sd_dir, adapter_dir, tmp_p
     assert sorted(p.name for p in remote.iterdir()) == sorted(p.name for p in out.iterdir())
     card = (remote / "README.md").read_text()
     assert 'from_pretrained("acme/student", torch_dtype=torch.float16, variant="fp16")' in card
+    assert card == (out / "README.md").read_text()  # the local card names the repo too
+    write_model_card(out)  # and a rewrite (new scores) keeps it
+    assert 'from_pretrained("acme/student"' in (out / "README.md").read_text()
     assert (remote / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     assert "uploaded to https://huggingface.co/acme/student" in capsys.readouterr().out
 

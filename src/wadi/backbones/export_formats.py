@@ -230,7 +230,7 @@ def export(
         )
         if fmt == "diffusers":
             variant = apply_variant_names(folder, dtype)
-            write_model_card(folder, load_from=repo_id or str(out), **card)
+            write_model_card(folder, load_from=str(out), repo_id=repo_id, **card)
             replace_directory(folder, out)
             info = {"dtype": str(dtype).removeprefix("torch."), "variant": variant}
             return out, {**info, "card": str(out / CARD_NAME)}

@@ -217,8 +217,8 @@ def _scores_section(scores: list[dict], fingerprint: str | None) -> list[str]:
         return [
             "## Evaluation",
             "",
-            "Not evaluated yet: `wadi eval generate --model DIR` then `wadi eval score`; "
-            "`wadi export ... --scores IMAGES/scores.json` puts the numbers here.",
+            "Not evaluated yet: `wadi eval generate --model DIR`, then `wadi eval score ... "
+            "--model-card` puts the numbers here (or `wadi export ... --scores FILE`).",
             "",
         ]
     lines = [
@@ -236,15 +236,14 @@ def _scores_section(scores: list[dict], fingerprint: str | None) -> list[str]:
                 f"{s.get('num_images')} | {s.get('protocol') or 'custom'} | {s.get('steps')} | "
                 f"{s.get('guidance')} | {s.get('resolution')} | {s.get('dtype')} | {model} |"
             )
-    lines += [
-        "",
-        "Measured with `wadi eval score` ("
-        + ", ".join(sorted({str(s["date_utc"]) for s in scores}))
-        + '). "another export": the images came from a folder with other files than this '
-        "one (e.g. another dtype of the same student).",
-        "",
-    ]
-    return lines
+    dates = ", ".join(sorted({str(s["date_utc"]) for s in scores}))
+    lines += ["", f"Measured with `wadi eval score` ({dates})."]
+    if any(s.get("model_sha256") != fingerprint for s in scores):
+        lines[-1] += (
+            ' "another export": the images came from a folder with other files than this one '
+            "(e.g. another dtype of the same student)."
+        )
+    return [*lines, ""]
 
 
 def _recipe_section(recipe: dict | None) -> list[str]:
@@ -333,17 +332,18 @@ def folder_card(folder: str | os.PathLike, *, load_from: str | None = None) -> s
     if recipe and recipe.get("validation_prompts"):
         prompt = recipe["validation_prompts"][0]
     steps = len(timesteps)
+    when = f"1 step at timestep {timesteps[0]}" if steps == 1 else f"{steps} steps at {timesteps}"
     lines = [
         f"# One-step student of {teacher}"
         if steps == 1
         else f"# {steps}-step student of {teacher}",
         "",
-        f"A text-to-image generator distilled from `{teacher}` with "
-        "[wadi](https://github.com/) (variational score distillation with a LoRaD student: "
-        "the teacher's weights, rotated), merged into a stock diffusers pipeline.",
+        f"A text-to-image generator distilled from `{teacher}` with wadi (variational score "
+        "distillation with a LoRaD student: the teacher's weights, rotated), merged into a "
+        "stock diffusers pipeline.",
         "",
-        f"- Pipeline: `{cls}`, scheduler `{info.get('scheduler', 'DDIMScheduler')}`, "
-        f"{steps} step(s) at timestep(s) {timesteps}, guidance scale 1 (no CFG).",
+        f"- Pipeline: `{cls}`, scheduler `{info.get('scheduler', 'DDIMScheduler')}`, {when}, "
+        "guidance scale 1 (no CFG).",
         f"- Weights: {dtype}" + (f" (variant `{variant}`)" if variant else "") + ".",
         f"- Teacher: `{teacher}`" + ("" if base_model else " (local folder)") + ".",
         "",

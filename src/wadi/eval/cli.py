@@ -158,6 +158,12 @@ def register(subparsers) -> None:
     score.add_argument("--workers", type=int, default=4, help="image decoding threads")
     score.add_argument("--device", default=None, help="default: cuda when available")
     score.add_argument("--output", type=Path, help="result JSON (default IMAGES/scores.json)")
+    score.add_argument(
+        "--model-card",
+        action="store_true",
+        help="add the numbers to the README.md model card of the `wadi export` folder the "
+        "images came from (it must still hold the same weights)",
+    )
     score.set_defaults(func=_score)
 
     conv = sub.add_parser(
@@ -215,6 +221,11 @@ def _score(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image folder not found: {images}")
     # refuse a bad output location before hours of feature extraction, not after
     output = check_output_file(args.output or images / "scores.json")
+    if getattr(args, "model_card", False) and not (images / "generation.json").is_file():
+        raise ValueError(
+            f"--model-card needs {images}/generation.json (images made by `wadi eval "
+            "generate` from a `wadi export` folder); drop --model-card"
+        )
     if not args.no_cache:
         cache = args.cache_dir.expanduser()
         if cache.exists() and not cache.is_dir():
@@ -314,6 +325,10 @@ def _score(args: argparse.Namespace) -> int:
         print(f"wadi eval score: warning: {message}", file=sys.stderr)
     print(json.dumps(record["results"], indent=2))
     print(f"full record: {output}")
+    if getattr(args, "model_card", False):
+        from wadi.backbones.model_card import update_card_from_scores
+
+        print(f"model card: {update_card_from_scores(output)}")
     return 0
 
 
