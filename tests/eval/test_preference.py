@@ -250,6 +250,7 @@ def test_score_cli_records_pickscore_and_hpsv2(clip_folder, hpsv2_file, tmp_path
     ref = _pickscore_reference(clip_folder, paths, CAPTIONS)
     assert record["results"]["pickscore"] == pytest.approx(ref.mean(), rel=1e-5)
     assert record["pickscore"]["std"] == pytest.approx(ref.std(ddof=1), rel=1e-4)
+    np.testing.assert_allclose(record["pickscore"]["per_image"], ref, rtol=1e-5, atol=1e-5)
     from safetensors.torch import load_file
 
     saved = load_file(str(clip_folder / "model.safetensors"))["logit_scale"].double()

@@ -359,6 +359,8 @@ def score_preference(
     record = {
         **scorer.describe(),
         "std": float(per_image.std(ddof=1)) if len(per_image) > 1 else None,
+        # image i's score, for preference_probability against another set on these prompts
+        "per_image": [float(v) for v in per_image],
         "prompts": "the captions as given, no prefix",
         "input": "image as saved (centre square crop only), then the CLIP processor: bicubic "
         "shortest side 224, centre crop 224, CLIP mean/std, float32",
