@@ -58,6 +58,8 @@ HELP = {
     "adapters and their optimizer state stay whole on every process; needs >= 2 processes",
     "ema_decay": "EMA decay of the student (default: no EMA, as the paper)",
     "export_ema": "with --ema-decay: final/pipeline holds the EMA weights",
+    "export_dtype": "final/pipeline's weights: fp16, bf16 or fp32 (default: the teacher's stored "
+    "dtype); fp16/bf16 use the stock variant names (variant='fp16')",
     "max_nonfinite_steps": "stop after this many non-finite steps in a row",
     "seed": "random seed",
     "checkpoint_every": "steps between checkpoints",

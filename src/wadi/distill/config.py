@@ -21,6 +21,7 @@ FULL_SCOPES = ("preset", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 OBJECTIVES = ("vsd", "dmd")
+EXPORT_DTYPES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 
 #: keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = frozenset(
@@ -32,6 +33,7 @@ RESUMABLE_CHANGES = frozenset(
         "validate_every",
         "validation_prompts",
         "export_pipeline",
+        "export_dtype",  # how final/pipeline is stored, not what is trained
         "max_nonfinite_steps",
         "progress",
         "device",
@@ -61,12 +63,12 @@ class DistillConfig:
         None  # folder written by `wadi embed` (replaces prompts + text encoder)
     )
     output_dir: str = "wadi-run"
-
-    # adapters
-    adapter: str = (
     # SD3's optional T5 (text_encoder_3); False (--no-t5) trains and exports without it, its
     # part of the prompt embeddings zeros, as StableDiffusion3Pipeline(text_encoder_3=None)
     t5: bool = True
+
+    # adapters
+    adapter: str = (
         "lorad"  # lorad | lora | dora | full (the student; the fake score is always LoRaD)
     )
     student_rank: int | None = None  # None: the backbone's preset (256 U-Net, 128 DiT)
@@ -126,6 +128,8 @@ class DistillConfig:
     fsdp: bool = False  # shard the frozen denoiser across processes (FSDP2); adapters stay whole
     ema_decay: float | None = None  # None: no EMA (the paper uses none)
     export_ema: bool = True  # with ema_decay: final/pipeline holds the EMA weights
+    # final/pipeline's stored dtype: fp16 | bf16 | fp32; None: the teacher's stored dtype
+    export_dtype: str | None = None
     max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
 
     # reproducibility, checkpoints, monitoring
@@ -219,6 +223,11 @@ class DistillConfig:
                 f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
             ),
             (self.gan_weight >= 0, f"gan_weight must be >= 0, got {self.gan_weight}"),
+            (
+                self.export_dtype is None or self.export_dtype in EXPORT_DTYPES,
+                f"export_dtype must be fp16, bf16 or fp32 (or null: the teacher's stored dtype), "
+                f"got {self.export_dtype!r}",
+            ),
             (
                 not self.fsdp or self.adapter != "full",
                 "--fsdp shards the frozen base, but --adapter full trains a whole copy of it; use "

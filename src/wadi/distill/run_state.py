@@ -123,6 +123,31 @@ def load_checkpoint(path: Path, run) -> None:
     run.in_a_row = state["nonfinite_in_a_row"]
 
 
+def _export_dtype(config) -> torch.dtype:
+    """``export_dtype``, or the teacher's stored dtype (as ``wadi export --dtype``)."""
+    from wadi.backbones.export import parse_dtype
+    from wadi.backbones.export_formats import stored_dtype
+
+    dtype = parse_dtype(config.export_dtype)
+    return dtype if dtype is not None else stored_dtype(config.teacher)
+
+
+def _model_card(pipeline: Path, final: Path, config, summary: dict, dtype) -> str | None:
+    """Stock variant names for fp16/bf16, then the folder's README.md; returns the variant."""
+    from wadi.backbones.export_formats import apply_variant_names
+    from wadi.backbones.model_card import hub_id_of, recipe_from_config, write_model_card
+
+    variant = apply_variant_names(pipeline, dtype)
+    recipe = recipe_from_config(config, weights=summary["pipeline_weights"])
+    write_model_card(
+        pipeline,
+        load_from=str(final / "pipeline"),
+        base_model=hub_id_of(config.teacher),
+        recipe=recipe,
+    )
+    return variant
+
+
 def write_final(run) -> Path:
     """``OUTPUT/final``: student (and EMA) adapters, fake adapter, config, merged pipeline."""
     from wadi.backbones.export import save_pipeline
@@ -146,7 +171,17 @@ def write_final(run) -> Path:
                 source = plain_roles(run)
             merged = source.merged_student(ema.tensors if use_ema else None)
             summary["pipeline_weights"] = "ema" if use_ema else "student"
-            save_pipeline(run.backbone, merged, tmp / "pipeline", generator=run.generator)
+            dtype = _export_dtype(config)
+            pipeline = tmp / "pipeline"
+            save_pipeline(
+                run.backbone,
+                merged,
+                pipeline,
+                generator=run.generator,
+                dtype=None if dtype == torch.float32 else dtype,  # merged in float32
+            )
             summary["pipeline"] = "pipeline"
+            summary["pipeline_dtype"] = str(dtype).removeprefix("torch.")
+            summary["pipeline_variant"] = _model_card(pipeline, final, config, summary, dtype)
         write_json(tmp / "summary.json", summary)
     return final
