@@ -5,8 +5,9 @@ Kynkaanniemi et al. (2019) compute precision/recall on the second fully connecte
 ``vgg16.pt``) is a pickled TensorFlow / TorchScript file, which wadi does not open; this
 module is the torchvision VGG-16 layout built by hand, with weights from a local
 safetensors file: torchvision's ``vgg16-397923af.pth`` (ImageNet1K_V1) converted once
-by the user (docs/eval.md).  Features are fc2 after its ReLU (Keras' ``fc2`` output),
-inputs RGB in [0, 1] normalised by the ImageNet mean/std.  Numbers compare with
+by the user (docs/eval.md).  Features are the fc2 output before its ReLU, as the
+torchvision-based reimplementation takes them (``vgg16.classifier[:4]``), inputs RGB in
+[0, 1] normalised by the ImageNet mean/std.  Numbers compare with
 PyTorch implementations that use torchvision's VGG-16, not digit for digit with the
 NVIDIA detector's.
 """
@@ -32,7 +33,7 @@ _LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 5
 
 
 class VGG16FC2(nn.Module):
-    """torchvision's ``vgg16`` up to the ReLU after fc2; same parameter names."""
+    """torchvision's ``vgg16`` up to fc2 (``classifier[:4]``); same parameter names."""
 
     def __init__(self, fc_width: int = FEATURE_DIM, widths=_LAYERS):
         super().__init__()
@@ -46,13 +47,12 @@ class VGG16FC2(nn.Module):
                 channels = width
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        # indices 0, 3 as in torchvision (2 and 5 are dropout, identity in eval mode)
+        # indices 0, 3 as in torchvision (2 is dropout, identity in eval mode)
         self.classifier = nn.Sequential(
             nn.Linear(channels * 49, fc_width),
             nn.ReLU(),
             nn.Identity(),
             nn.Linear(fc_width, fc_width),
-            nn.ReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ class VGG16Extractor(FeatureExtractor):
     def describe(self) -> dict:
         return {
             "name": self.name,
-            "architecture": "VGG-16 (torchvision layout), fc2 after ReLU, 4096-d",
+            "architecture": "VGG-16 (torchvision layout), fc2 before its ReLU, 4096-d",
             "weights": str(self.weights),
             "weights_sha256": self.sha256,
             "input": "PIL bicubic to 224 if not already, [0,1], ImageNet mean/std, float32",
