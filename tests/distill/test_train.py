@@ -70,7 +70,7 @@ def test_exported_pipeline_equals_wadi_one_step(teachers, prompts, tmp_path):
     torch.testing.assert_close(out.images, expected.detach(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora", "full"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "dora-fixed", "full"])
 def test_baseline_adapters_train(adapter, teachers, prompts, tmp_path):
     config = tiny_config(
         teachers["sd-eps"], prompts, tmp_path / "run", adapter=adapter, max_steps=2

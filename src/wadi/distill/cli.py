@@ -20,7 +20,8 @@ HELP = {
     "t5": "SD3's optional T5 text encoder; --no-t5 trains and exports without it (its "
     "embeddings zeros, as the stock pipeline without T5; saves ~9.5 GB in bf16); FLUX and "
     "PixArt need theirs",
-    "adapter": "student adapter: lorad (paper), lora, dora or full; the fake score is LoRaD",
+    "adapter": "student adapter: lorad (paper), lora, dora, dora-fixed (DoRA, magnitude frozen) "
+    "or full; the fake score is LoRaD",
     "student_rank": "student rank (default: the preset's, 256 U-Net / 128 DiT)",
     "fake_rank": "fake-score LoRaD rank (default: the preset's 32)",
     "include_conv": "also adapt the Conv2d layers of the preset's blocks (beyond the paper)",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-ADAPTERS = ("lorad", "lora", "dora", "full")
+ADAPTERS = ("lorad", "lora", "dora", "dora-fixed", "full")  # = students.STUDENT_ADAPTERS
 FULL_SCOPES = ("preset", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -69,7 +69,7 @@ class DistillConfig:
 
     # adapters
     adapter: str = (
-        "lorad"  # lorad | lora | dora | full (the student; the fake score is always LoRaD)
+        "lorad"  # lorad | lora | dora | dora-fixed | full (the student; the fake is LoRaD)
     )
     student_rank: int | None = None  # None: the backbone's preset (256 U-Net, 128 DiT)
     fake_rank: int | None = None  # None: the preset's 32
