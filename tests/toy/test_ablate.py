@@ -62,3 +62,37 @@ def test_bad_ablation_config_fails_before_running(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         run_ablation(cfg)
     assert not (tmp_path / "abl").exists()
+
+
+def test_equal_count_budget_matches_lorad_trainable_count():
+    from wadi.toy.ablate import equal_count_rank, trainable_count
+    from wadi.toy.demo import DemoConfig
+
+    demo = DemoConfig()
+    target = trainable_count("lorad", demo.student_rank, demo)
+    for adapter in ("lora", "dora-fixed"):
+        rank = equal_count_rank(adapter, demo)
+        per_rank = trainable_count(adapter, 2, demo) - trainable_count(adapter, 1, demo)
+        assert abs(trainable_count(adapter, rank, demo) - target) <= per_rank / 2
+        assert rank < demo.student_rank  # LoRA spends more per rank than LoRaD
+
+
+def test_lr_grid_picks_the_best_rate_on_the_first_seed_then_runs_the_rest(tmp_path):
+    cfg = AblationConfig(
+        out_dir=str(tmp_path / "abl"),
+        adapters=("lorad",),
+        seeds=(0, 1),
+        steps=1,
+        eval_every=1,
+        samples=20,
+        lr_grid=(1e-4, 3e-2),
+    )
+    report = run_ablation(cfg)
+    grid = [r for r in report["runs"] if r["seed"] == 0]
+    assert sorted(r["lr_student"] for r in grid) == [1e-4, 3e-2]
+    best = min(grid, key=lambda r: r["fd"])
+    assert [r["chosen"] for r in grid].count(True) == 1 and best["chosen"]
+    rest = [r for r in report["runs"] if r["seed"] == 1]
+    assert [r["lr_student"] for r in rest] == [best["lr_student"]]
+    (row,) = report["rows"]
+    assert row["seeds"] == 2 and row["lr_student"] == best["lr_student"]

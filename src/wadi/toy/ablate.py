@@ -1,8 +1,11 @@
 """``wadi ablate``: the paper's adapter ablation in miniature, on the digits teacher.
 
 Every run distills the shipped teacher with the demo's recipe, changing only the student
-adapter (LoRaD, PEFT LoRA, PEFT DoRA, full fine-tune) or the LoRaD rank, for several
-seeds.  During training the student's one-step FD and accuracy are measured every
+adapter (LoRaD, PEFT LoRA, PEFT DoRA, DoRA with its magnitude frozen, full fine-tune of the
+same layers) or the LoRaD rank, for several seeds.  Budgets: ``equal-rank`` (every adapter
+at the demo's rank) and/or ``equal-count`` (LoRA/DoRA at the rank whose trainable count is
+nearest LoRaD's).  With ``lr_grid`` each case first runs seed ``seeds[0]`` at every grid
+learning rate, keeps the rate with the lowest final FD, and runs the other seeds at it.  During training the student's one-step FD and accuracy are measured every
 ``eval_every`` steps (own noise, training RNG untouched) for the raw student and for its
 EMA (what the demo exports), so FD-vs-step curves come out too.  Runs can go in parallel
 processes (``jobs``), each with its own thread count; each reports its peak resident memory
@@ -30,6 +33,8 @@ from .prompts import prompt_for
 class AblationConfig:
     out_dir: str = "ablation-output"
     adapters: tuple[str, ...] = ("lorad", "lora", "dora", "full")
+    budgets: tuple[str, ...] = ("equal-rank",)  # and/or "equal-count"
+    lr_grid: tuple[float, ...] = ()  # per case: pick the best on seeds[0], then run the rest
     lorad_ranks: tuple[int, ...] = ()  # extra LoRaD ranks for the rank sweep
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 300
@@ -41,7 +46,13 @@ class AblationConfig:
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
     def validate(self) -> None:
-        known = ("lorad", "lora", "dora", "full")
+        from wadi.distill.config import ADAPTERS as known
+
+        for budget in self.budgets:
+            if budget not in BUDGETS:
+                raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+        if any(not lr > 0 for lr in self.lr_grid):
+            raise ValueError(f"every learning rate of the grid must be positive: {self.lr_grid}")
         for adapter in self.adapters:
             if adapter not in known:
                 raise ValueError(f"unknown adapter {adapter!r}; choose from {', '.join(known)}")
@@ -57,11 +68,59 @@ class AblationConfig:
             raise ValueError("jobs, steps and eval_every must be >= 1 and seeds non-empty")
 
 
+BUDGETS = ("equal-rank", "equal-count")
+
+
+def trainable_count(adapter: str, rank: int, demo: DemoConfig) -> int:
+    """Trainable student parameters of ``adapter`` at ``rank`` on the demo's teacher."""
+    from wadi.backbones import load_backbone
+    from wadi.distill.roles import Roles
+
+    from .demo import TEACHER_DIR
+
+    backbone = load_backbone(TEACHER_DIR, dtype=torch.float32)
+    roles = Roles(backbone, adapter=adapter, student_rank=rank, fake_rank=1)
+    return roles.parameter_counts()["student"]
+
+
+def equal_count_rank(adapter: str, demo: DemoConfig) -> int:
+    """The rank of ``adapter`` whose trainable count is nearest LoRaD's at the demo's rank
+    (counts are affine in the rank, so two probes give the line)."""
+    target = trainable_count("lorad", demo.student_rank, demo)
+    one, two = trainable_count(adapter, 1, demo), trainable_count(adapter, 2, demo)
+    per_rank = two - one
+    return max(1, round((target - (one - per_rank)) / per_rank))
+
+
+def cases(cfg: AblationConfig) -> list[dict]:
+    """The (adapter, rank, budget) cases, without seeds or learning rates."""
+    out, seen = [], set()
+    for budget in cfg.budgets:
+        for adapter in cfg.adapters:
+            rank = cfg.demo.student_rank
+            if budget == "equal-count" and adapter in ("lora", "dora", "dora-fixed"):
+                rank = equal_count_rank(adapter, cfg.demo)
+            if (adapter, rank) not in seen:  # LoRaD and full are the same under both budgets
+                seen.add((adapter, rank))
+                out.append({"adapter": adapter, "rank": rank, "budget": budget})
+    for r in cfg.lorad_ranks:
+        if ("lorad", r) not in seen:
+            seen.add(("lorad", r))
+            out.append({"adapter": "lorad", "rank": r, "budget": "rank sweep"})
+    return out
+
+
 def runs(cfg: AblationConfig) -> list[dict]:
-    """(adapter, rank) cases times seeds, same budget for all."""
-    cases = [(a, cfg.demo.student_rank) for a in cfg.adapters]
-    cases += [("lorad", r) for r in cfg.lorad_ranks if r != cfg.demo.student_rank]
-    return [{"adapter": a, "rank": r, "seed": s} for a, r in cases for s in cfg.seeds]
+    """Cases times seeds, at each adapter's learning rate (no grid)."""
+    return [
+        {**c, "seed": s, "lr_student": _lr(cfg, c["adapter"])}
+        for c in cases(cfg)
+        for s in cfg.seeds
+    ]
+
+
+def _lr(cfg: AblationConfig, adapter: str) -> float:
+    return cfg.lr_overrides.get(adapter, cfg.demo.lr_student)
 
 
 def student_metrics(context: dict, samples: int, use_ema: bool = False) -> dict:
@@ -115,10 +174,12 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    lr = cfg.lr_overrides.get(case["adapter"], cfg.demo.lr_student)
+    lr = case.get("lr_student", _lr(cfg, case["adapter"]))
     demo = dataclasses.replace(
         cfg.demo,
-        out_dir=str(Path(cfg.out_dir) / f"{case['adapter']}-r{case['rank']}-s{case['seed']}"),
+        out_dir=str(
+            Path(cfg.out_dir) / f"{case['adapter']}-r{case['rank']}-lr{lr:g}-s{case['seed']}"
+        ),
         adapter=case["adapter"],
         student_rank=case["rank"],
         seed=case["seed"],
@@ -177,7 +238,8 @@ def _run_in_child(args) -> dict:
 def summarize(results: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["adapter"], r["rank"]), []).append(r)
+        if r.get("chosen", True):  # grid runs at a rate not chosen are kept out of the rows
+            groups.setdefault((r["adapter"], r["rank"]), []).append(r)
     rows = []
     for (adapter, rank), rs in groups.items():
         fds = [r["fd"] for r in rs]
@@ -185,6 +247,7 @@ def summarize(results: list[dict]) -> list[dict]:
             {
                 "adapter": adapter,
                 "rank": rank,
+                "budget": rs[0].get("budget", "equal-rank"),
                 "seeds": len(rs),
                 "fd_mean": statistics.fmean(fds),
                 "fd_std": statistics.pstdev(fds) if len(fds) > 1 else 0.0,
@@ -242,14 +305,14 @@ def plot_curves(results: list[dict], path: Path) -> None:
 
 def format_rows(rows: list[dict]) -> str:
     lines = [
-        "| adapter | rank | student lr | seeds | FD mean | FD std | raw FD mean | accuracy "
-        "| trainable | s/step | peak MiB |",
-        "|---" * 11 + "|",
+        "| adapter | rank | budget | student lr | seeds | FD mean | FD std | raw FD mean "
+        "| accuracy | trainable | s/step | peak MiB |",
+        "|---" * 12 + "|",
     ]
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(
-            f"| {r['adapter']} | {r['rank']} | {r['lr_student']:g} | {r['seeds']} | "
+            f"| {r['adapter']} | {r['rank']} | {r['budget']} | {r['lr_student']:g} | {r['seeds']} | "
             f"{r['fd_mean']:.1f} | {r['fd_std']:.1f} | {r['fd_raw_mean']:.1f} | "
             f"{r['accuracy_mean']:.3f} | {r['trainable']:,} | {r['seconds_per_step']:.2f} | {peak} |"
         )
@@ -261,32 +324,61 @@ def run_ablation(cfg: AblationConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(out / "prompts.txt")
-    cases = runs(cfg)
-    results = []
+    results: list[dict] = []
 
-    def done(result: dict) -> None:
-        results.append(result)
-        print(
-            f"wadi ablate: {result['adapter']} r{result['rank']} seed {result['seed']}: "
-            f"FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
-            f"({len(results)}/{len(cases)})",
-            flush=True,
-        )
-
-    if cfg.jobs > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(cfg.jobs, maxtasksperchild=1) as pool:
-            jobs = [(case, cfg, prompts) for case in cases]
-            for result in pool.imap_unordered(_run_in_child, jobs):
-                done(result)
-        order = {(c["adapter"], c["rank"], c["seed"]): i for i, c in enumerate(cases)}
-        results.sort(key=lambda r: order[(r["adapter"], r["rank"], r["seed"])])
+    if cfg.lr_grid:  # phase 1: every case at every grid rate on the first seed
+        first = [
+            {**c, "seed": cfg.seeds[0], "lr_student": lr} for c in cases(cfg) for lr in cfg.lr_grid
+        ]
+        grid = _run_all(first, cfg, prompts, results)
+        chosen = {}
+        for r in grid:
+            key = (r["adapter"], r["rank"])
+            if key not in chosen or r["fd"] < chosen[key]["fd"]:
+                chosen[key] = r
+        for r in grid:
+            r["chosen"] = chosen[(r["adapter"], r["rank"])] is r
+        rest = [
+            {**c, "seed": s, "lr_student": chosen[(c["adapter"], c["rank"])]["lr_student"]}
+            for c in cases(cfg)
+            for s in cfg.seeds[1:]
+        ]
+        _run_all(rest, cfg, prompts, results, total=len(first) + len(rest))
     else:
-        for case in cases:
-            done(run_one(case, cfg, prompts))
+        _run_all(runs(cfg), cfg, prompts, results)
     rows = summarize(results)
     report = {"rows": rows, "runs": results, "config": dataclasses.asdict(cfg)}
     write_json(out / "ablation.json", report)
-    plot_curves(results, out / "fd_vs_step.png")
+    plot_curves([r for r in results if r.get("chosen", True)], out / "fd_vs_step.png")
     return report
+
+
+def _run_all(todo: list[dict], cfg, prompts, results: list[dict], total=None) -> list[dict]:
+    """Run ``todo`` (serially or in ``cfg.jobs`` processes); append to ``results`` in order."""
+    total = total or len(todo)
+    mine: list[dict] = []
+
+    def done(result: dict) -> None:
+        mine.append(result)
+        results.append(result)
+        print(
+            f"wadi ablate: {result['adapter']} r{result['rank']} lr {result['lr_student']:g} "
+            f"seed {result['seed']}: FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
+            f"({len(results)}/{total})",
+            flush=True,
+        )
+
+    if cfg.jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(cfg.jobs, maxtasksperchild=1) as pool:
+            for result in pool.imap_unordered(_run_in_child, [(c, cfg, prompts) for c in todo]):
+                done(result)
+        key = lambda r: (r["adapter"], r["rank"], r["lr_student"], r["seed"])  # noqa: E731
+        order = {key(c): i for i, c in enumerate(todo)}
+        mine.sort(key=lambda r: order[key(r)])
+        results[len(results) - len(mine) :] = mine
+    else:
+        for case in todo:
+            done(run_one(case, cfg, prompts))
+    return mine

@@ -39,6 +39,19 @@ def register(subparsers) -> None:
     a.add_argument("--out", default="ablation-output", metavar="DIR", help="output folder")
     a.add_argument("--adapters", default="lorad,lora,dora,full", help="comma list")
     a.add_argument("--ranks", default="", help="extra LoRaD ranks for a rank sweep, comma list")
+    a.add_argument(
+        "--budgets",
+        default="equal-rank",
+        help="equal-rank (all at the demo rank) and/or equal-count (LoRA/DoRA at the rank "
+        "matching LoRaD's trainable count), comma list",
+    )
+    a.add_argument(
+        "--lr-grid",
+        default="",
+        metavar="LR,LR,...",
+        help="per case: run the first seed at each rate, keep the best final FD, run the "
+        "other seeds at it",
+    )
     a.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     a.add_argument("--steps", type=int, default=300, help="distillation steps per run")
     a.add_argument("--eval-every", type=int, default=100, help="steps between FD measurements")
@@ -171,6 +184,14 @@ def _ablate(args) -> int:
     def ints(text):
         return tuple(int(x) for x in text.split(",") if x.strip())
 
+    def floats(text):
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise UserError(
+                f"--lr-grid: expected numbers such as 3e-4,1e-3, got {text!r}"
+            ) from None
+
     lr_overrides = {}
     for item in (x.strip() for x in args.lr.split(",") if x.strip()):
         adapter, _, value = item.partition("=")
@@ -183,6 +204,8 @@ def _ablate(args) -> int:
         out_dir=args.out,
         adapters=tuple(a.strip() for a in args.adapters.split(",") if a.strip()),
         lorad_ranks=ints(args.ranks),
+        budgets=tuple(b.strip() for b in args.budgets.split(",") if b.strip()),
+        lr_grid=floats(args.lr_grid),
         seeds=ints(args.seeds),
         steps=args.steps,
         eval_every=args.eval_every,
