@@ -255,3 +255,35 @@ def test_push_failure_after_export_keeps_the_local_folder(
     assert "cannot reach the Hub" in err and str(out) in err and len(err.splitlines()) == 1
     assert (out / "README.md").is_file() and (out / "unet").is_dir()
     assert json.loads((out / "model_index.json").read_text())["_class_name"]
+
+
+def test_pixel_space_card_says_how_wadi_loads_it(pixel_dir, tmp_path):
+    from wadi.backbones.export import save_pipeline
+
+    b = load_backbone(pixel_dir)
+    folder = save_pipeline(b, b.denoiser, tmp_path / "pixel")
+    text = write_model_card(folder, recipe={"adapter": "lorad"}).read_text()
+    assert f'wadi generate --pipeline {folder} --prompt "a photo of a cat"' in text
+    assert "from_pretrained" not in text  # the stock pipelines need a VAE
+    assert _front_matter(text)["library_name"] == "diffusers"
+
+
+def test_hub_flags_are_checked_before_the_export(sd_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["export", "--teacher", str(sd_dir), "--adapter", str(adapter_dir), "--out", str(out)]
+    assert main([*base, "--private"]) == 2
+    assert "--private and --token go with --push-to-hub" in capsys.readouterr().err
+    assert main([*base, "--push-to-hub", "no-slash"]) == 2
+    assert "--push-to-hub 'no-slash' is not a Hub repo id" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_score_model_card_needs_a_generation_record(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a\n")
+    assert main(["eval", "score", "--images", str(images), "--captions", str(captions),
+                 "--metrics", "clip", "--model-card"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "--model-card needs" in err and "generation.json" in err and len(err.splitlines()) == 1
