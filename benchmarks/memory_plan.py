@@ -2,8 +2,9 @@
 
 Prints, per backbone, GiB per process for the resident parts (frozen base in bf16,
 adapters and their fp32 gradients and AdamW moments; no EMA, no activations) at 1 and 8
-processes, the 8-process column with the frozen denoiser sharded (a plan: wadi does not
-shard yet).  Architectures from their published config.json files; text encoders and
+processes, the 8-process column with the frozen denoiser sharded by ``--fsdp`` (FSDP2's
+padded shards; the adapters stay whole), and the largest block gathered while it runs.
+Architectures from their published config.json files; text encoders and
 VAEs built from their configs on the meta device too.
 
     python benchmarks/memory_plan.py
@@ -112,9 +113,10 @@ def main() -> None:
     gib = 1024**3
     print(
         "| backbone | base params | student / fake trained | base GiB (bf16) | "
-        "adapters+grads+AdamW GiB | total GiB, 1 process | 8 processes, base sharded (plan) |"
+        "adapters+grads+AdamW GiB | total GiB, 1 process | 8 processes, --fsdp | "
+        "+ largest block gathered |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, cls, build, text, vae in archs:
         with torch.device("meta"):
             denoiser = build()
@@ -128,7 +130,8 @@ def main() -> None:
         print(
             f"| {name} | {plan.base_params / 1e9:.2f}B | {plan.student_params / 1e6:.1f}M / "
             f"{plan.fake_params / 1e6:.1f}M | {base / gib:.2f} | {trained / gib:.2f} | "
-            f"{plan.total() / gib:.2f} | {plan.total(8) / gib:.2f} |"
+            f"{plan.total() / gib:.2f} | {plan.total(8) / gib:.2f} | "
+            f"{plan.largest_block / gib:.2f} |"
         )
 
 

@@ -102,12 +102,12 @@ def fsdp_job(teachers, tmp_path_factory):
     # g / sqrt(v) ~ sign(g) where g is near zero; default eps: 1 % on the smallest A
     config = tiny_config(
         teachers["sd-eps"], prompts, tmp_path / "run", max_steps=2, checkpoint_every=1,
-        export_pipeline=False, adam_eps=1e-3,
+        adam_eps=1e-3, validation_prompts=["a cat"], validate_every=2,
     )  # fmt: skip
     config.save(tmp_path / "run.yaml")
     (tmp_path / "job.py").write_text(SCRIPT)
     proc = _launch(tmp_path, 29547)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     return tmp_path, config
 
 
@@ -141,6 +141,12 @@ def test_sharded_run_ends_with_the_unsharded_adapters(fsdp_job):
         assert _max_diff(a, b) < 1e-5
     listing = sorted(p.name for p in (tmp_path / "run-fsdp" / step).iterdir())
     assert listing == sorted(p.name for p in (tmp_path / "run" / step).iterdir())
+    # final/pipeline: merged into a whole denoiser loaded again, as the unsharded run's
+    weights = "final/pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "run" / weights), load_file(tmp_path / "run-fsdp" / weights)
+    assert _max_diff(a, b) < 1e-5 and not any("lorad" in k for k in b)
+    # validation samples: every process ran the sharded student, the main process wrote
+    assert (tmp_path / "run-fsdp" / "samples" / "step-000002.png").is_file()
 
 
 def test_sharded_checkpoint_resumes_without_fsdp(fsdp_job):

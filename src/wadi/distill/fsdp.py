@@ -77,13 +77,16 @@ def check_process_group(world: int, device: torch.device) -> None:
 def shard_base(roles, device: torch.device, world: int) -> list[str]:
     """Shard ``roles.base`` in place: each block one unit, then the root; returns the block names.
 
-    Trained tensors (whatever requires a gradient on the base: the adapters) are left whole.
+    Adapter tensors (whatever requires a gradient on the base, and every LoRaD / PEFT
+    factor, trained or frozen like DoRA's fixed magnitude) are left whole.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     base = roles.base
-    keep = {p for p in base.parameters() if p.requires_grad}
+    keep = {
+        p for n, p in base.named_parameters() if p.requires_grad or "lorad_" in n or "lora_" in n
+    }
     blocks = block_names(base)
     if not blocks:
         raise ValueError(
