@@ -68,3 +68,21 @@ def test_bad_export_dtype_is_one_line(tmp_path, capsys):
     assert "export_dtype: bf16" in capsys.readouterr().out
     # a resumption may change it: it is how final/ is stored, not the recipe
     assert not DistillConfig(export_dtype="fp16").differences(DistillConfig())
+
+
+def test_a_failing_model_card_costs_final_nothing_but_a_warning(tmp_path, monkeypatch):
+    from wadi.backbones import model_card
+    from wadi.distill.run_state import _model_card
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("card bug")
+
+    monkeypatch.setattr(model_card, "folder_card", broken)
+    pipeline = tmp_path / "final" / "pipeline"
+    pipeline.mkdir(parents=True)
+    (pipeline / "wadi_export.json").write_text("{}")
+    config = DistillConfig(teacher=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"no model card \(RuntimeError: card bug\)"):
+        variant = _model_card(pipeline, tmp_path / "final", config, {"pipeline_weights": "student"},
+                              torch.float32)  # fmt: skip
+    assert variant is None and not (pipeline / "README.md").exists()

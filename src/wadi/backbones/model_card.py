@@ -343,7 +343,7 @@ def folder_card(folder: str | os.PathLike, *, load_from: str | None = None) -> s
         "stock diffusers pipeline.",
         "",
         f"- Pipeline: `{cls}`, scheduler `{info.get('scheduler', 'DDIMScheduler')}`, {when}, "
-        "guidance scale 1 (no CFG).",
+        f"guidance scale {call.get('guidance_scale', 1.0)}.",
         f"- Weights: {dtype}" + (f" (variant `{variant}`)" if variant else "") + ".",
         f"- Teacher: `{teacher}`" + ("" if base_model else " (local folder)") + ".",
         "",

@@ -139,12 +139,23 @@ def _model_card(pipeline: Path, final: Path, config, summary: dict, dtype) -> st
 
     variant = apply_variant_names(pipeline, dtype)
     recipe = recipe_from_config(config, weights=summary["pipeline_weights"])
-    write_model_card(
-        pipeline,
-        load_from=str(final / "pipeline"),
-        base_model=hub_id_of(config.teacher),
-        recipe=recipe,
-    )
+    try:
+        write_model_card(
+            pipeline,
+            load_from=str(final / "pipeline"),
+            base_model=hub_id_of(config.teacher),
+            recipe=recipe,
+        )
+    except OSError:
+        raise  # the output's problem (a full disk): final/ is not written, as for any file
+    except Exception as err:  # noqa: BLE001 - a card must never cost a trained run its final/
+        import warnings
+
+        warnings.warn(
+            f"final/pipeline has no model card ({type(err).__name__}: {err}); "
+            f"`wadi export --checkpoint {final} --out DIR` writes an export with one",
+            stacklevel=2,
+        )
     return variant
 
 
