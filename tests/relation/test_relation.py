@@ -32,6 +32,7 @@ def _config(setup, out, **changes):
     knobs = dict(
         base=str(setup["sd"]), images=str(setup["images"]), prompts=str(setup["captions"]),
         output_dir=str(out), init_word="cat", max_steps=4, checkpoint_every=2,
+        batch_size=1, gradient_accumulation_steps=2,
         contrastive_weight=0.5, progress=False, device="cpu",
     )  # fmt: skip
     knobs.update(changes)

@@ -8,7 +8,7 @@ from pathlib import Path
 #: flags with a RelationConfig field of the same name (dashes for underscores)
 FIELDS = (
     "base", "images", "prompts", "output_dir", "token", "init_word", "max_steps", "resolution",
-    "batch_size", "learning_rate", "weight_decay", "contrastive_weight", "temperature",
+    "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "contrastive_weight", "temperature",
     "num_positives", "focal_alpha", "seed", "checkpoint_every", "keep_checkpoints", "dtype",
     "device",
 )  # fmt: skip
@@ -45,9 +45,17 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="run folder (checkpoints, final/)")
     p.add_argument("--token", default=None, help="the new token (default <R>)")
     p.add_argument("--init-word", default=None, help="one-token word the row starts from (and)")
-    p.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (500)")
+    p.add_argument(
+        "--max-steps", type=_positive, default=None, help="optimizer steps (ReVersion: 3000)"
+    )
     p.add_argument("--resolution", type=_positive, default=None, help="image side (base's own)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="images per step (2)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="images per micro-batch (2)")
+    p.add_argument(
+        "--gradient-accumulation-steps",
+        type=_positive,
+        default=None,
+        help="micro-batches per optimizer step (4: ReVersion's batch of 8)",
+    )
     p.add_argument("--learning-rate", type=float, default=None, help="AdamW lr of the row (2e-3)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (1e-2)")
     p.add_argument(
@@ -67,7 +75,7 @@ def register(subparsers) -> None:
         help="relation-focal sampling f(t) = (1 - a cos(pi t/T))/T (0.5; 0 = uniform)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (0)")
-    p.add_argument("--checkpoint-every", type=_positive, default=None, help="steps (100)")
+    p.add_argument("--checkpoint-every", type=_positive, default=None, help="steps (500)")
     p.add_argument("--keep-checkpoints", type=_positive, default=None, help="how many (2)")
     p.add_argument("--dtype", default=None, help="frozen base: fp32 (default), fp16 or bf16")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")

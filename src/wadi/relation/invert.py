@@ -67,24 +67,28 @@ class RelationConfig:
     output_dir: str
     token: str = "<R>"
     init_word: str = "and"  # ReVersion's initializer token
-    max_steps: int = 500
+    max_steps: int = 3000  # ReVersion's
     resolution: int | None = None  # default: the base's native size
     batch_size: int = 2
-    learning_rate: float = 2e-3  # ReVersion: 2.5e-4 scaled by its batch 2 x accumulation 4
+    gradient_accumulation_steps: int = 4  # ReVersion: batch 2 x 4
+    learning_rate: float = 2e-3  # ReVersion: 2.5e-4 scaled by its batch 2 x 4 (--scale_lr)
     weight_decay: float = 1e-2
     contrastive_weight: float = 0.01
     temperature: float = 0.07
     num_positives: int = 4
     focal_alpha: float = 0.5
     seed: int = 0
-    checkpoint_every: int = 100
+    checkpoint_every: int = 500
     keep_checkpoints: int = 2
     dtype: str = "fp32"  # of the frozen base; the learned row is always fp32
     device: str | None = None
     progress: bool = True
 
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "checkpoint_every", "keep_checkpoints")
+        positive = (
+            "max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+            "keep_checkpoints",
+        )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -443,20 +447,45 @@ def _invert(config, names, captions, device, resume, overwrite) -> InvertResult:
 
 def _step(step, config, backbone, param, x0_all, captions, text, row, table, optimizer, rng,
           weights) -> dict:  # fmt: skip
-    """One optimizer step; every random draw comes from ``rng`` (resumable)."""
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; every random
+    draw comes from ``rng`` and the data position is a function of the step (resumable)."""
+    accumulate = config.gradient_accumulation_steps
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "denoise": 0.0, "steer": 0.0}
+    timesteps = []
+    for micro in range(accumulate):
+        parts, t = _micro_loss(
+            step * accumulate + micro, config, backbone, param, x0_all, captions, text, row,
+            table, rng, weights,
+        )  # fmt: skip
+        if not torch.isfinite(parts["loss"]):
+            raise ValueError(
+                f"the loss became {float(parts['loss'])} at step {step + 1}; lower "
+                "--learning-rate (or use --dtype fp32), then --resume latest"
+            )
+        (parts["loss"] / accumulate).backward()
+        for key, value in parts.items():
+            totals[key] += float(value.detach()) / accumulate
+        timesteps += [int(v) for v in t]
+    optimizer.step()
+    return {**totals, "timesteps": timesteps}
+
+
+def _micro_loss(position, config, backbone, param, x0_all, captions, text, row, table, rng,
+                weights):  # fmt: skip
+    """``({"loss", "denoise", "steer"}, t)`` of the micro-batch at ``position`` (with gradient)."""
     from wadi.distill.data import batch_indices
 
     device = x0_all.device
-    idx = batch_indices(step, 0, 1, config.batch_size, len(captions), config.seed)
+    idx = batch_indices(position, 0, 1, config.batch_size, len(captions), config.seed)
     prompts = []
     for i in idx:
         options = captions[i]
         pick = int(torch.randint(len(options), (1,), generator=rng)) if len(options) > 1 else 0
         prompts.append(options[pick])
     x0 = x0_all[idx]
-    eps = torch.randn(x0.shape, generator=rng, dtype=torch.float32).to(
-        device=device, dtype=x0.dtype
-    )
+    eps = torch.randn(x0.shape, generator=rng, dtype=torch.float32)
+    eps = eps.to(device=device, dtype=x0.dtype)
     t = sample_focal_timesteps(len(idx), weights, rng, device=device)
     positives = [
         int(j)
@@ -480,20 +509,7 @@ def _step(step, config, backbone, param, x0_all, captions, text, row, table, opt
                 config.temperature,
             )  # fmt: skip
             loss = loss + config.contrastive_weight * steer
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss became {float(loss)} at step {step + 1}; lower --learning-rate "
-                "(or use --dtype fp32), then --resume latest"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return {
-        "loss": float(loss.detach()),
-        "denoise": float(denoise.detach()),
-        "steer": float(steer.detach()),
-        "timesteps": [int(v) for v in t],
-    }
+    return {"loss": loss, "denoise": denoise, "steer": steer}, t
 
 
 # -- checkpoints and final -------------------------------------------------------------------------
