@@ -4,7 +4,9 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from wadi import lorad
@@ -204,7 +206,9 @@ def test_push_to_hub_uploads_the_folder_with_its_card(sd_dir, adapter_dir, tmp_p
 
 
 @pytest.mark.parametrize("fmt", ["single-file", "lora"])
-def test_file_formats_push_the_file_with_its_card(sd_dir, adapter_dir, tmp_path, hub, fmt):
+def test_file_formats_push_the_file_with_its_card(
+    sd_dir, adapter_dir, exported, tmp_path, hub, monkeypatch, fmt
+):
     out = tmp_path / "student.safetensors"
     assert main(["export", "--teacher", str(sd_dir), "--adapter", str(adapter_dir), "--out",
                  str(out), "--format", fmt, "--push-to-hub", "acme/student"]) == 0  # fmt: skip
@@ -219,6 +223,20 @@ def test_file_formats_push_the_file_with_its_card(sd_dir, adapter_dir, tmp_path,
     assert ("from_single_file" in card) == (fmt == "single-file")
     assert ('load_lora_weights("acme/student"' in card) == (fmt == "lora")
     assert not list(tmp_path.glob(".*")), "staging folder left behind"
+    # the card's snippet, run on the downloaded files, samples what the student folder does
+    code = _python_block(card).replace("TEACHER_DIR", str(sd_dir))
+    code = code.replace('"acme/student"', '"."')
+    monkeypatch.chdir(remote)
+    scope = {}
+    torch.manual_seed(0)
+    exec(code, scope)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(exported)
+    torch.manual_seed(0)
+    want = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=1.0).images[0]
+    got = np.asarray(scope["image"], dtype=int)
+    assert np.abs(got - np.asarray(want, dtype=int)).max() <= 1
 
 
 def test_push_offline_or_without_token_is_one_line_and_keeps_the_export(
