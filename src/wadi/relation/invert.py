@@ -312,14 +312,12 @@ def invert_relation(
 ) -> InvertResult:
     """Learn ``config.token`` (see the module docstring); returns the learned vector and paths."""
     from wadi.devices import resolve_device
+    from wadi.paths import check_output_separate
 
     config.validate()
     config = config.absolute()
     device = resolve_device(config.device)
-    for name in ("images", "prompts"):
-        from wadi.paths import check_output_separate
-
-        check_output_separate(config.output_dir, getattr(config, name), config.base)
+    check_output_separate(config.output_dir, config.images, config.prompts, config.base)
     names = _image_names(config.images)  # before the model loads: bad inputs fail fast
     captions = read_captions(config.prompts, names, config.token)
     lock = run_dir.RunLock(config.output_dir, log=_log)
