@@ -112,6 +112,19 @@ def test_steer_loss_against_a_float64_hand_computation():
     value.backward()
     assert relation.grad is not None and relation.grad.abs().sum() > 0
     assert positives.grad is None  # only <R> is pulled
+    # a small step against the gradient: lower loss, closer to the nearest positive (the one
+    # the multi-instance softmax weights most), further from the nearest negative
+    moved = (relation - 1e-3 * relation.grad).detach()
+    p_t, n_t = positives.detach(), torch.tensor(neg, dtype=torch.float64)
+
+    def cosines(v, rows):
+        return torch.nn.functional.cosine_similarity(rows, v[None], dim=1)
+
+    r0 = relation.detach()
+    near_p, near_n = cosines(r0, p_t).argmax(), cosines(r0, n_t).argmax()
+    assert cosines(moved, p_t)[near_p] > cosines(r0, p_t)[near_p]
+    assert cosines(moved, n_t)[near_n] < cosines(r0, n_t)[near_n]
+    assert steer_loss(moved, p_t, n_t, tau) < value.detach()
     # pointing at a positive costs less than pointing at a negative; no negatives: 0
     at_pos = steer_loss(torch.tensor(pos[0]), positives.detach(), torch.tensor(neg), tau)
     at_neg = steer_loss(torch.tensor(neg[0]), positives.detach(), torch.tensor(neg), tau)
