@@ -189,18 +189,14 @@ def format_plan(plan: MemoryPlan, processes: tuple[int, ...] = (1, 8)) -> str:
         ("optimizer moments", plan.optimizer),
         ("student EMA", plan.ema),
     ]
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'part':<{width}}{'GiB/process':>12}"]
-    lines += [f"{name:<{width}}{gib(n):>12}" for name, n in rows]
-    lines.append(f"{'total':<{width}}{gib(plan.total()):>12}")
-    for n in processes:
-        if n > 1:
-            lines.append(
-                f"{f'total, base sharded over {n} (--fsdp)':<{width}}{gib(plan.total(n)):>12}"
-            )
+    totals = [("total", plan.total())]
+    totals += [
+        (f"total, base sharded over {n} (--fsdp)", plan.total(n)) for n in processes if n > 1
+    ]
     if plan.largest_block and any(n > 1 for n in processes):
-        lines.append(
-            f"{'  + largest block, gathered (--fsdp)':<{width}}{gib(plan.largest_block):>12}"
-        )
+        totals.append(("  + largest block, gathered (--fsdp)", plan.largest_block))
+    width = max(len(name) for name, _ in rows + totals) + 2
+    lines = [f"{'part':<{width}}{'GiB/process':>12}"]
+    lines += [f"{name:<{width}}{gib(n):>12}" for name, n in rows + totals]
     lines.append("activations are not included (benchmarks/gpu_check.sh measures them)")
     return "\n".join(lines)
