@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from PIL import Image
 from tests.distill.conftest import PROMPTS as LINES
 from tests.distill.conftest import tiny_config
 
@@ -64,6 +66,20 @@ def test_distill_no_t5_trains_and_exports_without_t5(sd3_dir, prompts, tmp_path)
     a = (result.final_dir / "pipeline" / "transformer").glob("*.safetensors")
     b = (tmp_path / "again" / "transformer").glob("*.safetensors")
     assert [p.read_bytes() for p in sorted(a)] == [p.read_bytes() for p in sorted(b)]
+    # the T5-less export samples through `wadi generate --pipeline` and `wadi eval generate`
+    # (DiffusionPipeline.from_pretrained needs text_encoder_3=None passed), the same PNGs
+    from wadi.eval.generate import generate_images
+    from wadi.eval.protocol import Captions
+
+    folder = result.final_dir / "pipeline"
+    images = tmp_path / "images"
+    args = ["generate", "--pipeline", str(folder), "--out", str(images), "--resolution", "16"]
+    assert main([*args, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]) == 0
+    generate_images(folder, Captions(PROMPTS, "inline", "-", "all"), tmp_path / "eval")
+    for name in ("00000.png", "00001.png"):
+        a = np.asarray(Image.open(images / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "eval" / name)).astype(int)
+        assert a.shape == (16, 16, 3) and np.abs(a - b).max() <= 1
     # resuming with T5 back on is another recipe: refused in one line
     with pytest.raises(ValueError, match=r"different config \(t5\)"):
         train(config.replace(t5=True, max_steps=3), resume="latest")

@@ -28,6 +28,7 @@ from .onestep import alpha_bar_from_scheduler, check_alpha_bar
 __all__ = [
     "exported_generator",
     "exported_call",
+    "absent_components",
     "student_scheduler",
     "pipeline_call",
     "one_step_scheduler",
@@ -244,6 +245,26 @@ def exported_call(folder: str | os.PathLike) -> dict:
     if generator.num_steps > 1:
         call["timesteps"] = list(generator.timesteps)
     return call
+
+
+def absent_components(folder: str | os.PathLike) -> dict:
+    """``{name: None}`` for the components ``model_index.json`` lists as ``[null, null]``.
+
+    ``DiffusionPipeline.from_pretrained`` refuses a folder whose required component is
+    absent unless it is passed as ``None``: an SD3 export without T5 (``text_encoder_3``).
+    """
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{index} is not valid JSON ({err}); the folder looks damaged") from None
+    return {
+        name: None
+        for name, value in data.items()
+        if not name.startswith("_") and isinstance(value, list) and value == [None, None]
+    }
 
 
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:

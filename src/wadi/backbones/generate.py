@@ -209,11 +209,13 @@ def _stock_runner(folder, device, dtype, resolution, embeddings=()):
     ``wadi_export.json`` records (steps, sigmas or timesteps, FLUX's guidance input)."""
     from diffusers import DiffusionPipeline
 
-    from .export import exported_call
+    from .export import absent_components, exported_call
     from .registry import reporting_damaged_files
 
     with reporting_damaged_files(folder):
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, torch_dtype=dtype, **absent_components(folder)
+        ).to(device)
     pipe.set_progress_bar_config(disable=True)
     if embeddings:
         from wadi.relation.embedding import check_token_embeddings

@@ -108,7 +108,11 @@ def load_pipeline(model: str | Path, dtype, device):
             f"{model} has no vae/ (a pixel-space model): the stock diffusers pipelines need "
             "one; `wadi eval generate` runs it through wadi.backbones instead"
         )
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+    from wadi.backbones.export import absent_components
+
+    pipe = DiffusionPipeline.from_pretrained(
+        model, torch_dtype=dtype, local_files_only=True, **absent_components(model)
+    )  # absent: an SD3 export without T5 (text_encoder_3 None)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it blacks out images and would bias FID
     pipe.set_progress_bar_config(disable=True)
