@@ -130,6 +130,18 @@ def register(subparsers) -> None:
             "up_blocks.0 (NAME:D for a block's own dilation); auto = the deepest quarter"
         ),
     )
+    g.add_argument(
+        "--disperse",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|SPEC",
+        help=(
+            "above the native resolution: ScaleCrafter's dispersed convolution, the blocks' "
+            "3x3 kernels replaced by least-squares 5x5 ones (blocks as --redilate); alone it "
+            "disperses by resolution/native, with --redilate by 2 and dilates by the rest"
+        ),
+    )
     g.add_argument("--alpha-bar-T", type=_unit_interval, default=None, help="see wadi export")
     g.add_argument(
         "--controlnet",
@@ -255,6 +267,7 @@ def _generate(args) -> int:
         guidance=args.guidance,
         resolution=args.resolution,
         redilate=args.redilate,
+        disperse=args.disperse,
         controlnets=args.controlnet,
         control_images=args.control_image,
         controlnet_scales=args.controlnet_scale,

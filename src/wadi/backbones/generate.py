@@ -67,6 +67,7 @@ def generate_images(
     overwrite: bool = False,
     progress: bool = True,
     redilate: str | None = None,
+    disperse: str | None = None,
     controlnets: Sequence[str | os.PathLike] | None = None,
     control_images: Sequence | None = None,
     controlnet_scales: Sequence[float] | None = None,
@@ -80,7 +81,8 @@ def generate_images(
     pipeline in one step); ``teacher`` + ``adapter`` (wadi's one-step
     generator); ``teacher`` alone with ``steps > 1`` (DDIM with CFG, default 3.0).
     ``redilate`` (``"auto"`` or a block list) samples above the native resolution with
-    ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`).  ``controlnets``
+    ScaleCrafter's re-dilated convolutions (:mod:`wadi.highres`); ``disperse`` (same
+    forms) with its dispersed 5x5 kernels, alone or with ``redilate``.  ``controlnets``
     (``ControlNetModel`` folders, one of ``control_images`` and one or all
     ``controlnet_scales`` each) condition every U-Net call (:mod:`wadi.controlnet`);
     they run on wadi's route, an exported folder included.  ``embeddings`` (files of
@@ -140,8 +142,8 @@ def generate_images(
         )  # fmt: skip
     if controls:
         sampler = _controlled(sampler, controls)
-    if redilate is not None:
-        sampler = _redilated(sampler, resolution, redilate)
+    if redilate is not None or disperse is not None:
+        sampler = _redilated(sampler, resolution, redilate, disperse)
     written: list[Path] = []
     records = []
     bar = tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress)
@@ -336,15 +338,15 @@ def _controlled(sampler, controls):
     return sample
 
 
-def _redilated(sampler, resolution, spec):
+def _redilated(sampler, resolution, spec, disperse=None):
     """``sampler`` run inside :func:`wadi.highres.redilation` (checked before any image)."""
     from wadi.highres import redilation
 
-    with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec):
-        pass  # refuses a bad --redilate/--resolution now, not after the folder is opened
+    with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec, disperse):
+        pass  # refuses a bad --redilate/--disperse/--resolution now, before the folder
 
     def sample(batch, indices, seed):
-        with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec):
+        with redilation(sampler.unet, resolution, sampler.vae_scale_factor, spec, disperse):
             return sampler(batch, indices, seed)
 
     return sample
