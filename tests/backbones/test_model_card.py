@@ -174,6 +174,13 @@ class FakeHub:
         FakeHub.calls.append(("upload_folder", repo_id, token))
         shutil.copytree(folder_path, FakeHub.root / repo_id, dirs_exist_ok=True)
 
+    def create_commit(self, *, repo_id, operations, token=None, **_):
+        FakeHub.calls.append(("create_commit", repo_id, token))
+        for op in operations:
+            target = FakeHub.root / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):

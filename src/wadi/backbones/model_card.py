@@ -579,7 +579,6 @@ def push_to_hub(
     is ``token``, else ``HF_TOKEN`` / the stored login.  Offline, without a token or when
     the Hub refuses, one line names the fix; the local export is never touched.
     """
-    import shutil
 
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -599,25 +598,26 @@ def push_to_hub(
         )
     api = api or HfApi(token=token)
     paths = [Path(p) for p in paths]
-    stage = None
+    message = "Upload one-step student exported by wadi"
     try:
-        if len(paths) == 1 and paths[0].is_dir():
-            folder = paths[0]
-        else:
-            from wadi.files import temp_dir_beside
-
-            stage = folder = temp_dir_beside(paths[0])
-            for p in paths:
-                _link_or_copy(p, stage / p.name)
-            if card is not None:
-                _link_or_copy(Path(card), stage / CARD_NAME)
         url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            commit_message="Upload one-step student exported by wadi",
-            token=token,
-        )
+        if len(paths) == 1 and paths[0].is_dir():
+            api.upload_folder(
+                repo_id=repo_id, folder_path=str(paths[0]), commit_message=message, token=token
+            )
+        else:  # files (and their card as README.md) in one commit, read where they lie
+            from huggingface_hub import CommitOperationAdd
+
+            files = [(p.name, p) for p in paths]
+            if card is not None:
+                files.append((CARD_NAME, Path(card)))
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                for name, path in files
+            ]
+            api.create_commit(
+                repo_id=repo_id, operations=operations, commit_message=message, token=token
+            )
     except OfflineModeIsEnabled:
         raise ValueError(
             f"cannot push to {repo_id}: huggingface_hub is in offline mode; unset "
@@ -636,9 +636,6 @@ def push_to_hub(
             f"cannot reach the Hub to push to {repo_id} ({type(err).__name__}); check the "
             f"network and retry (the export is complete in {done})"
         ) from None
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
     return str(url) if url is not None else f"https://huggingface.co/{repo_id}"
 
 
@@ -663,12 +660,3 @@ def _stored_token() -> bool:
         return get_token() is not None
     except Exception:  # noqa: BLE001 - an unreadable token file is no token
         return False
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
