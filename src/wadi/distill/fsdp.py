@@ -123,12 +123,11 @@ def plain_roles(run):
     from wadi.backbones import load_backbone
 
     from .roles import FAKE, Roles
-    from .run import DTYPES
 
     config, roles = run.config, run.roles
     fresh = load_backbone(
         config.teacher,
-        dtype=DTYPES[config.mixed_precision],
+        dtype=run.backbone.dtype,  # the dtype the run loaded the base in
         device=run.backbone.device,
         load_text_encoder=False,
     )

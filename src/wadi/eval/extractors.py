@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .extractor_base import FeatureExtractor, _check_images  # noqa: F401 (re-exported)
+
 _REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
 
 
@@ -71,29 +73,6 @@ def folder_weights_sha256(folder: str | Path) -> str:
     for f in files:
         digest.update(f"{f.name}:{file_sha256(f)}".encode())
     return digest.hexdigest()
-
-
-def _check_images(images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(
-            f"extractors take uint8 RGB images (B, H, W, 3), got {images.dtype} {images.shape}"
-        )
-    return images
-
-
-class FeatureExtractor:
-    """Base class: ``features(images) -> (B, D)`` and ``describe() -> dict``."""
-
-    name: str = "base"
-    #: size the protocol resizes images to before this extractor (None: keep as is)
-    default_resize: int | None = 256
-
-    def features(self, images) -> np.ndarray:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        raise NotImplementedError
 
 
 INCEPTION_RESIZES = {

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wadi.eval.extractors import FeatureExtractor, _check_images
+from wadi.eval.extractor_base import FeatureExtractor, _check_images
 
 TORCHVISION_WEIGHTS_NAME = "vgg16-397923af.pth"
 TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/" + TORCHVISION_WEIGHTS_NAME

@@ -6,15 +6,25 @@ functions; :mod:`wadi.relation.embedding` reads and writes the embedding file (d
 ``load_textual_inversion`` format) and adds it to a tokenizer and text encoder.
 """
 
-from .embedding import add_token_embeddings, read_embedding, save_embedding
-from .losses import denoising_target, focal_weights, sample_focal_timesteps, steer_loss
+import importlib
 
-__all__ = [
-    "add_token_embeddings",
-    "read_embedding",
-    "save_embedding",
-    "denoising_target",
-    "focal_weights",
-    "sample_focal_timesteps",
-    "steer_loss",
-]
+# name -> submodule; imported on first use, so ``wadi --help`` stays torch-free
+_EXPORTS = {
+    "add_token_embeddings": "embedding",
+    "read_embedding": "embedding",
+    "save_embedding": "embedding",
+    "denoising_target": "losses",
+    "focal_weights": "losses",
+    "sample_focal_timesteps": "losses",
+    "steer_loss": "losses",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
