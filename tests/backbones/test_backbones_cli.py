@@ -326,3 +326,39 @@ def test_generate_fp16_on_cpu_warns_in_one_line(sd_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "wadi generate: warning: fp16 on CPU" in err
     assert "Traceback" not in err
+
+
+def test_teacher_plus_adapter_samples_with_the_generator_its_run_trained(
+    sd_dir, adapter_dir, tmp_path
+):
+    """An adapter inside a run folder (RUN/final/student_adapter) is sampled with the run's
+    generator (here two steps, 999 and 499), as its export would be; a loose one in one step."""
+    from wadi.backbones.generate import RENOISE_SEED, seeded_noise
+    from wadi.distill import DistillConfig
+    from wadi.generators import MultiStep
+
+    final = tmp_path / "run" / "final"
+    shutil.copytree(adapter_dir, final / "student_adapter")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    DistillConfig(
+        teacher=str(sd_dir), prompts=str(tmp_path / "p.txt"), generator_timesteps=[999, 499]
+    ).save(final / "config.yaml")
+    outs = {}
+    for name, adapter in (("run", final / "student_adapter"), ("loose", adapter_dir)):
+        outs[name] = tmp_path / f"out-{name}"
+        assert main(["generate", "--teacher", str(sd_dir), "--adapter", str(adapter),
+                     "--prompt", "a red car", "--out", str(outs[name]), "--seed", "3"]) == 0  # fmt: skip
+    backbone = load_backbone(sd_dir)
+    lorad.load_adapter(backbone.denoiser, adapter_dir, "student")
+    size = backbone.latent_size(16)  # the tiny teacher's native 16 px
+    z = seeded_noise([0], 3, (backbone.latent_channels, size, size))
+    with torch.no_grad():
+        x0 = MultiStep([999, 499]).sample(
+            backbone, z, backbone.encode_prompts(["a red car"]),
+            torch.Generator().manual_seed(RENOISE_SEED + 3),
+        )  # fmt: skip
+        want = (backbone.decode(x0).float() / 2 + 0.5).clamp(0, 1)[0]
+    want = np.round(want.permute(1, 2, 0).numpy() * 255).astype(int)
+    (got,) = _pixels(outs["run"])
+    assert np.abs(got - want).max() <= 1
+    assert np.abs(_pixels(outs["loose"])[0] - want).max() > 1

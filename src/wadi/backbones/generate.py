@@ -293,7 +293,12 @@ def _wadi_runner(
     from .registry import load_backbone
     from .sampling import sample_multistep
 
-    backbone = load_backbone(folder, dtype=dtype, device=device)
+    recipe = _run_recipe(adapter)
+    backbone = load_backbone(
+        folder, dtype=dtype, device=device, t5=recipe.t5 if recipe is not None else True
+    )
+    if recipe is not None and getattr(backbone, "guidance_embeds", False):
+        backbone.guidance = recipe.guidance_scale  # FLUX.1-dev: the input it was trained at
     if tokens:
         from wadi.relation.embedding import add_token_embeddings
 
@@ -304,6 +309,10 @@ def _wadi_runner(
 
         load_adapter(backbone.denoiser, adapter, "student")
     generator = exported_generator(folder)
+    if recipe is not None:  # the generator the run trained (its timesteps and abar_T)
+        from wadi.generators import make_generator
+
+        generator = make_generator(recipe.timesteps, recipe.alpha_bar_T)
     if alpha_bar_T is not None:
         generator = OneStep(999, alpha_bar_T)
     size = backbone.latent_size(set_resolution(backbone, resolution))
@@ -324,6 +333,20 @@ def _wadi_runner(
 
     sample.unet, sample.vae_scale_factor = backbone.denoiser, backbone.vae_scale_factor
     return sample
+
+
+def _run_recipe(adapter):
+    """The config of the run an adapter folder comes from (``RUN/final/student_adapter`` or a
+    checkpoint's), so teacher + adapter samples as the run trained: its generator, SD3's
+    ``--no-t5``, FLUX.1-dev's guidance input.  None for a loose adapter folder."""
+    if adapter is None:
+        return None
+    path = Path(adapter).resolve().parent / "config.yaml"
+    if not path.is_file():
+        return None
+    from wadi.distill.config import DistillConfig
+
+    return DistillConfig.load(path)
 
 
 def _controlled(sampler, controls):
