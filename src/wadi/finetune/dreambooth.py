@@ -262,6 +262,12 @@ def build_run(config, device, rank: int, world: int, resume, overwrite):
     resume_from = run_dir.prepare_output_dir(config, resume, overwrite, _warn if is_main else None)
     dtype = DTYPES[config.mixed_precision]
     backbone = load_backbone(config.base, dtype=dtype, device=device)
+    if config.prior and getattr(backbone.scheduler, "betas", None) is None:
+        raise ValueError(
+            f"prior preservation samples class images with DDIM, which needs a DDPM-family "
+            f"scheduler; {type(backbone.scheduler).__name__} (flow matching) has none: drop "
+            "--class-prompt for this base"
+        )
     if config.resolution is None:
         config = config.replace(resolution=report.native_resolution(backbone))
     if hasattr(backbone, "resolution"):
