@@ -154,10 +154,9 @@ def goals(generators: dict) -> dict:
         "fd_vs_teacher_multistep": student["fd"] / multi["fd"],
         "fd_vs_teacher_onestep": student["fd"] / one["fd"],
         "speedup_vs_teacher_multistep": multi["ms_per_image"] / student["ms_per_image"],
-        "met": {
-            "fd <= 1.5x teacher 25-step": student["fd"] <= 1.5 * multi["fd"],
-            "fd <= 0.3x teacher 1-step": student["fd"] <= 0.3 * one["fd"],
-            "accuracy >= 0.9": student["accuracy"] >= 0.9,
+        "met": {  # issue 14's goal for the demo's student
+            "fd <= 1.25x teacher 25-step": student["fd"] <= 1.25 * multi["fd"],
+            "accuracy >= 0.97": student["accuracy"] >= 0.97,
             ">= 20x faster than teacher 25-step": (
                 multi["ms_per_image"] >= 20 * student["ms_per_image"]
             ),
