@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
+from wadi.argtypes import positive_int as _positive
+from wadi.argtypes import unit_interval as _unit_interval
 
 
 def register(subparsers) -> None:

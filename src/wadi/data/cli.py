@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from wadi.argtypes import positive_int as _positive
 
 
 def register(subparsers) -> None:

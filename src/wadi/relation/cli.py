@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from wadi.argtypes import positive_int as _positive
 
 #: flags with a RelationConfig field of the same name (dashes for underscores)
 FIELDS = (
@@ -12,13 +13,6 @@ FIELDS = (
     "num_positives", "focal_alpha", "seed", "checkpoint_every", "keep_checkpoints", "dtype",
     "device",
 )  # fmt: skip
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def register(subparsers) -> None:
