@@ -218,7 +218,7 @@ class FullStudent(StudentAdapter):
     def before_fake(self, backbone) -> None:
         super().before_fake(backbone)
         self.copy = copy.deepcopy(self.base)
-        self.copy.to(torch.float32)
+        nn.Module.to(self.copy, torch.float32)  # diffusers' own .to() warns about fp32 modules
         if self.scope == "all":
             self.copy.requires_grad_(True)
         else:
