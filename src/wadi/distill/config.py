@@ -51,9 +51,109 @@ RESOLVED_AT_LOAD = frozenset({"resolution"})
 PATH_KEYS = ("teacher", "prompts", "embeddings", "real_images")
 
 
+class ConfigFile:
+    """What a run's config does besides holding knobs: YAML round trip, atomic save, one-line
+    load errors, absolute paths, and which changed keys make a different recipe.
+
+    A subclass (a dataclass) names its command, its model key and its path keys, and the
+    keys a resumption may change; :class:`DistillConfig` and ``wadi.finetune``'s config
+    share this code.
+    """
+
+    COMMAND = "wadi distill"
+    MODEL_KEY = "teacher"  # a model path that is kept as given when nothing is there (a hub id)
+    PATH_KEYS: tuple[str, ...] = ()
+    RESUMABLE_CHANGES: frozenset = frozenset()
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config keys {unknown}; see `{cls.COMMAND} --help` for the knobs"
+            )
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str):
+        data = yaml.load(text, Loader=_Loader) or {}
+        if not isinstance(data, dict):
+            raise ValueError("a wadi config file must hold a YAML mapping of knob: value")
+        cls._check_kind(data)
+        return cls.from_dict(data)
+
+    @classmethod
+    def _check_kind(cls, data: dict) -> None:
+        """Refuse another command's config (a subclass hook)."""
+
+    def save(self, path: str | Path) -> None:
+        """Write ``config.yaml`` atomically (a full disk leaves the previous file whole)."""
+        from wadi.files import write_text
+
+        write_text(path, self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            return cls.from_yaml(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def with_absolute_paths(self, base: str | Path | None = None):
+        """The path keys and output_dir as absolute paths (relative to ``base``, default the
+        working directory), so the saved config works from any folder.
+
+        A model key that is not a local path (nothing there) is kept as given.
+        """
+        base = Path(base) if base is not None else Path.cwd()
+        changes = {}
+        for key in (*self.PATH_KEYS, "output_dir"):
+            value = getattr(self, key)
+            if not value or Path(value).is_absolute():
+                continue
+            path = os.path.normpath(base / Path(value).expanduser())
+            if key == self.MODEL_KEY and not Path(path).exists():
+                continue
+            changes[key] = path
+        return self.replace(**changes) if changes else self
+
+    def differences(self, other) -> list[str]:
+        """Keys whose values make a different recipe (not those a resumption may change,
+        not where the run folder is, not a value left to the model on one side)."""
+        a, b = self.to_dict(), other.to_dict()
+        return [
+            k
+            for k in a
+            if k not in self.RESUMABLE_CHANGES
+            and k not in NOT_RECIPE
+            and not (k in RESOLVED_AT_LOAD and (a[k] is None or b[k] is None))
+            and a[k] != b[k]
+        ]
+
+
 @dataclass
-class DistillConfig:
+class DistillConfig(ConfigFile):
     """A WaDi distillation run.  Defaults follow the paper's recipe."""
+
+    PATH_KEYS = PATH_KEYS  # (class attributes, not fields: no annotation)
+    RESUMABLE_CHANGES = RESUMABLE_CHANGES
 
     # what to distill, from which prompts, to where
     teacher: str = ""
@@ -300,84 +400,6 @@ class DistillConfig:
             raise ValueError(
                 "no prompts given; pass --prompts FILE (.txt/.jsonl/.csv/.parquet) or --embeddings DIR"
             )
-
-    # -- serialisation ------------------------------------------------------
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DistillConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown config keys {unknown}; see `wadi distill --help` for the knobs"
-            )
-        return cls(**data)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> DistillConfig:
-        data = yaml.load(text, Loader=_Loader) or {}
-        if not isinstance(data, dict):
-            raise ValueError("a wadi config file must hold a YAML mapping of knob: value")
-        return cls.from_dict(data)
-
-    def save(self, path: str | Path) -> None:
-        """Write ``config.yaml`` atomically (a full disk leaves the previous file whole)."""
-        from wadi.files import write_text
-
-        write_text(path, self.to_yaml())
-
-    @classmethod
-    def load(cls, path: str | Path) -> DistillConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        try:
-            return cls.from_yaml(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    def replace(self, **changes) -> DistillConfig:
-        return dataclasses.replace(self, **changes)
-
-    def with_absolute_paths(self, base: str | Path | None = None) -> DistillConfig:
-        """Teacher, prompts, embeddings and output_dir as absolute paths (relative to ``base``,
-        default the working directory), so the saved config works from any folder.
-
-        A teacher that is not a local path (nothing there) is kept as given.
-        """
-        base = Path(base) if base is not None else Path.cwd()
-        changes = {}
-        for key in (*PATH_KEYS, "output_dir"):
-            value = getattr(self, key)
-            if not value or Path(value).is_absolute():
-                continue
-            path = os.path.normpath(base / Path(value).expanduser())
-            if key == "teacher" and not Path(path).exists():
-                continue
-            changes[key] = path
-        return self.replace(**changes) if changes else self
-
-    def differences(self, other: DistillConfig) -> list[str]:
-        """Keys whose values make a different recipe (not those a resumption may change,
-        not where the run folder is, not a value left to the teacher on one side)."""
-        a, b = self.to_dict(), other.to_dict()
-        return [
-            k
-            for k in a
-            if k not in RESUMABLE_CHANGES
-            and k not in NOT_RECIPE
-            and not (k in RESOLVED_AT_LOAD and (a[k] is None or b[k] is None))
-            and a[k] != b[k]
-        ]
 
 
 # -- types --------------------------------------------------------------------------------------

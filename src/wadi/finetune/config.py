@@ -10,14 +10,10 @@ its folder alone.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
-from wadi.distill.config import MIXED_PRECISION, OPTIMIZERS, _conforms, _describe, _Loader
+from wadi.distill.config import MIXED_PRECISION, OPTIMIZERS, ConfigFile, _conforms, _describe
 
 ADAPTERS = ("lorad", "lora", "dora")
 
@@ -34,14 +30,17 @@ RESUMABLE_CHANGES = frozenset(
         "device",
     }
 )
-NOT_RECIPE = frozenset({"output_dir"})
-RESOLVED_AT_LOAD = frozenset({"resolution"})
 PATH_KEYS = ("base", "images")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ConfigFile):
     """DreamBooth with a LoRaD (or PEFT LoRA / DoRA) adapter on the base's denoiser."""
+
+    COMMAND = "wadi finetune"
+    MODEL_KEY = "base"
+    PATH_KEYS = PATH_KEYS  # (class attributes, not fields: no annotation)
+    RESUMABLE_CHANGES = RESUMABLE_CHANGES
 
     # what to tune, on which images, to where
     base: str = ""  # a diffusers pipeline folder wadi loads (a teacher or a multi-step base)
@@ -170,71 +169,7 @@ class FinetuneConfig:
     def global_batch(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
 
-    # -- serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        return data
-
     @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown config keys {unknown}; see `wadi finetune --help` for the knobs"
-            )
-        return cls(**data)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> None:
-        from wadi.files import write_text
-
-        write_text(path, self.to_yaml())
-
-    @classmethod
-    def load(cls, path: str | Path) -> FinetuneConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        try:
-            data = yaml.load(path.read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a wadi config file must hold a YAML mapping")
+    def _check_kind(cls, data: dict) -> None:
         if "teacher" in data and "base" not in data:
-            raise ValueError(f"{path} holds a wadi distill run, not a wadi finetune run")
-        try:
-            return cls.from_dict(data)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    def replace(self, **changes) -> FinetuneConfig:
-        return dataclasses.replace(self, **changes)
-
-    def with_absolute_paths(self, base: str | Path | None = None) -> FinetuneConfig:
-        """base, images and output_dir absolute, so config.yaml works from any folder."""
-        root = Path(base) if base is not None else Path.cwd()
-        changes = {}
-        for key in (*PATH_KEYS, "output_dir"):
-            value = getattr(self, key)
-            if value and not Path(value).is_absolute():
-                path = os.path.normpath(root / Path(value).expanduser())
-                if key != "base" or Path(path).exists():
-                    changes[key] = path
-        return self.replace(**changes) if changes else self
-
-    def differences(self, other: FinetuneConfig) -> list[str]:
-        """Keys whose values make a different recipe (see DistillConfig.differences)."""
-        a, b = self.to_dict(), other.to_dict()
-        return [
-            k
-            for k in a
-            if k not in RESUMABLE_CHANGES
-            and k not in NOT_RECIPE
-            and not (k in RESOLVED_AT_LOAD and (a[k] is None or b[k] is None))
-            and a[k] != b[k]
-        ]
+            raise ValueError("it holds a wadi distill run, not a wadi finetune run")
