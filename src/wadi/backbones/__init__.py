@@ -5,7 +5,7 @@ Names are imported lazily so ``wadi --help`` does not load torch.
 
 from __future__ import annotations
 
-import importlib
+from wadi._lazy import lazy_exports
 
 _EXPORTS = {
     "TextCondition": "conditioning",
@@ -32,14 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'wadi.backbones' has no attribute {name!r}")
-    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

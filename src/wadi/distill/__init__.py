@@ -6,7 +6,7 @@ which imports ``wadi.distill.cli``, does not load torch.
 
 from __future__ import annotations
 
-import importlib
+from wadi._lazy import lazy_exports
 
 _EXPORTS = {
     "DistillConfig": "config",
@@ -26,14 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """Import the submodule holding ``name`` on first use, so ``wadi --help`` stays torch-free."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

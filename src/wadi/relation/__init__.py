@@ -6,7 +6,7 @@ functions; :mod:`wadi.relation.embedding` reads and writes the embedding file (d
 ``load_textual_inversion`` format) and adds it to a tokenizer and text encoder.
 """
 
-import importlib
+from wadi._lazy import lazy_exports
 
 # name -> submodule; imported on first use, so ``wadi --help`` stays torch-free
 _EXPORTS = {
@@ -22,9 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
