@@ -119,3 +119,35 @@ def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys, command):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--out {target} is a file" in err
     assert target.read_text() == "precious"
+
+
+def test_full_res_attention_puts_transformer_blocks_at_every_level(tmp_path):
+    """SD's layout: cross-attention at the full-resolution level too, so adapters on nn.Linear
+    layers reach it; the default keeps the shipped teacher's layout."""
+    from wadi.toy.teacher import unet_config
+
+    assert unet_config()["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D")
+    cfg = unet_config(full_res_attention=True)
+    assert cfg["down_block_types"] == ("CrossAttnDownBlock2D",) * 2
+    assert cfg["up_block_types"] == ("CrossAttnUpBlock2D",) * 2
+    out = tmp_path / "teacher"
+    config = TeacherTrainConfig(steps=1, batch_size=2, full_res_attention=True)
+    assert train_teacher(out, config, progress=False)["config"]["full_res_attention"] is True
+    unet = load_teacher_parts(out)[0]
+    first = unet.down_blocks[0]
+    assert hasattr(first, "attentions") and len(first.attentions) == 1
+    assert _folder_bytes(out) <= 10 * 2**20
+
+
+def test_shipped_attention_teacher_has_attention_at_every_level():
+    from wadi.backbones import load_backbone
+    from wadi.toy import ATTN_TEACHER_DIR
+
+    assert _folder_bytes(ATTN_TEACHER_DIR) <= 10 * 2**20
+    config = json.loads((ATTN_TEACHER_DIR / "training_config.json").read_text())["config"]
+    assert config["full_res_attention"] is True
+    backbone = load_backbone(ATTN_TEACHER_DIR)
+    blocks = list(backbone.denoiser.down_blocks) + list(backbone.denoiser.up_blocks)
+    assert all(hasattr(b, "attentions") for b in blocks)
+    eps = backbone.predict_eps(torch.randn(2, 1, 16, 16), 999, backbone.encode_prompts(["3", ""]))
+    assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()

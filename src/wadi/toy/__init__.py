@@ -11,4 +11,6 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER_DIR = ASSETS / "teacher"
+# the same size with attention at the 16x16 level too (SD's layout; docs/ablation.md s. 7)
+ATTN_TEACHER_DIR = ASSETS / "teacher-attn"
 EVALUATOR_DIR = ASSETS / "evaluator"
