@@ -181,3 +181,15 @@ def test_demo_with_a_relative_out_as_make_demo_runs_it(tmp_path, monkeypatch):
     run_demo(cfg)
     assert (tmp_path / "demo-output" / "report.json").is_file()
     assert (tmp_path / "demo-output" / "run" / "final" / "pipeline").is_dir()
+
+
+def test_demo_teacher_option_reaches_the_run_config(tmp_path):
+    """--teacher swaps the distilled and evaluated teacher; the default is the shipped one."""
+    from wadi.toy import TEACHER_DIR
+    from wadi.toy.demo import DemoConfig, distill_config
+
+    prompts = tmp_path / "p.txt"
+    assert distill_config(DemoConfig(), prompts).teacher == str(TEACHER_DIR)
+    other = DemoConfig(teacher=str(tmp_path / "mine"))
+    assert other.teacher_dir == tmp_path / "mine"
+    assert distill_config(other, prompts).teacher == str(tmp_path / "mine")

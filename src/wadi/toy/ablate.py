@@ -76,9 +76,7 @@ def trainable_count(adapter: str, rank: int, demo: DemoConfig) -> int:
     from wadi.backbones import load_backbone
     from wadi.distill.roles import Roles
 
-    from .demo import TEACHER_DIR
-
-    backbone = load_backbone(TEACHER_DIR, dtype=torch.float32)
+    backbone = load_backbone(demo.teacher_dir, dtype=torch.float32)
     roles = Roles(backbone, adapter=adapter, student_rank=rank, fake_rank=1)
     return roles.parameter_counts()["student"]
 

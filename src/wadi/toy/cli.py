@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     d.add_argument(
         "--out", default="demo-output", metavar="DIR", help="output folder (demo-output)"
     )
+    d.add_argument(
+        "--teacher", metavar="DIR", default=None, help="teacher folder (default: the shipped one)"
+    )
     d.add_argument("--steps", type=int, default=None, help="distillation steps")
     d.add_argument("--seed", type=int, default=None, help="random seed")
     d.add_argument("--samples", type=int, default=None, help="samples per generator")
@@ -88,6 +91,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--init-from", metavar="DIR", help="start from this teacher folder's weights (stage 2)"
     )
+    p.add_argument(
+        "--full-res-attention",
+        action="store_true",
+        help="transformer blocks at the 16x16 level too (SD's layout: attention at every level)",
+    )
     _common(p)
     p.set_defaults(func=_train_teacher)
 
@@ -140,7 +148,7 @@ def _demo(args) -> int:
         torch.set_num_threads(args.threads)
     changes = {
         k: getattr(args, k)
-        for k in ("steps", "seed", "samples", "adapter")
+        for k in ("teacher", "steps", "seed", "samples", "adapter")
         if getattr(args, k) is not None
     }
     cfg = dataclasses.replace(
@@ -261,6 +269,7 @@ def _train_teacher(args) -> int:
         lr=args.lr,
         seed=args.seed,
         warmup_steps=min(100, max(1, args.steps // 10)),
+        full_res_attention=args.full_res_attention,
         init_from=args.init_from,
     )
     with output_errors(out):

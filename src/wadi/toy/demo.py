@@ -38,6 +38,7 @@ class DemoConfig:
     """The demo's knobs; defaults target <= 10 minutes on 2 CPU cores."""
 
     out_dir: str = "demo-output"
+    teacher: str | None = None  # teacher folder; None: the shipped digits teacher
     steps: int = 500
     seed: int = 0
     samples: int = 500
@@ -62,6 +63,10 @@ class DemoConfig:
             raise ValueError("steps and batch size must be >= 1 and samples >= 10")
 
     @property
+    def teacher_dir(self) -> Path:
+        return Path(self.teacher) if self.teacher else TEACHER_DIR
+
+    @property
     def multistep_guidance(self) -> float:
         """CFG scale of the 25-step teacher baseline."""
         return self.vsd_guidance if self.teacher_guidance is None else self.teacher_guidance
@@ -81,7 +86,7 @@ def distill_config(cfg: DemoConfig, prompts: Path, run_dir: Path | None = None):
 
     out = Path(cfg.out_dir)
     return DistillConfig(
-        teacher=str(TEACHER_DIR),
+        teacher=str(cfg.teacher_dir),
         prompts=str(prompts),
         output_dir=str(run_dir if run_dir is not None else out / "run"),
         adapter=cfg.adapter,
@@ -246,7 +251,7 @@ def _run_in(cfg: DemoConfig, tmp: Path, out: Path) -> dict:
     summary = json.loads((result.final_dir / "summary.json").read_text())
     alpha_bar_T = float(summary["alpha_bar_T"])
 
-    teacher = load_backbone(TEACHER_DIR)
+    teacher = load_backbone(cfg.teacher_dir)
     student = load_backbone(result.final_dir / "pipeline")
     metrics, images = evaluate_generators(teacher, student, alpha_bar_T, cfg)
 
