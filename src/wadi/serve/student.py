@@ -3,7 +3,7 @@
 It ships in ``wadi/toy/assets/student`` (an adapter folder, about 450 KB: the rotation
 factors only, the teacher's weights are not repeated) and was made by::
 
-    wadi demo --out demo-output                      # make demo: 500 steps, ~9 min on 2 cores
+    wadi demo --out demo-output                      # make demo: 420 steps, ~8.5 min on 2 cores
     python -m wadi.serve.student demo-output/run/final src/wadi/toy/assets/student
 
 The second command writes the run's EMA student (the weights ``wadi demo`` exports and
