@@ -193,3 +193,14 @@ def test_demo_teacher_option_reaches_the_run_config(tmp_path):
     other = DemoConfig(teacher=str(tmp_path / "mine"))
     assert other.teacher_dir == tmp_path / "mine"
     assert distill_config(other, prompts).teacher == str(tmp_path / "mine")
+
+
+def test_demo_with_a_missing_teacher_is_one_line_naming_it(tmp_path, capsys):
+    from wadi.cli import main
+
+    out = tmp_path / "out"
+    args = ["demo", "--teacher", str(tmp_path / "nope"), "--out", str(out), "--steps", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"teacher {tmp_path / 'nope'} is not a teacher folder" in err
+    assert not out.exists()
