@@ -194,3 +194,18 @@ def test_output_errors_names_a_file_in_the_way_and_passes_other_files_through(tm
     with pytest.raises(FileNotFoundError):  # an input elsewhere: not the output's problem
         with output_errors(tmp_path / "out"):
             open(tmp_path / "input.bin", "rb")
+
+
+def test_output_errors_passes_wadis_own_messages_through(tmp_path):
+    """An OSError wadi raised itself (no errno: a missing teacher, say) keeps its message;
+    one from the system without a file name (a full disk) becomes the output's."""
+    import errno
+
+    from wadi.files import output_errors
+
+    with pytest.raises(FileNotFoundError, match="^teacher folder /x not found$"):
+        with output_errors(tmp_path / "out"):
+            raise FileNotFoundError("teacher folder /x not found")
+    with pytest.raises(ValueError, match="out"):
+        with output_errors(tmp_path / "out"):
+            raise OSError(errno.ENOSPC, "No space left on device")

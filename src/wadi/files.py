@@ -301,12 +301,16 @@ def _concerns(filename, path: Path) -> bool:
 def output_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn an ``OSError`` from writing ``path`` (or inside it) into :func:`output_error`.
 
-    Errors that name another file (a missing input, say) pass through unchanged; one with
-    no file name (``ENOSPC`` from a write) is taken to be the output's.
+    Errors that name another file (a missing input, say) pass through unchanged, and so do
+    those with no ``errno``: wadi's own checks raised them with a message of their own (a
+    teacher folder not found), the operating system did not. One from the system with no
+    file name (``ENOSPC`` from a write) is taken to be the output's.
     """
     try:
         yield
     except OSError as err:
+        if err.errno is None:
+            raise
         names = [n for n in (err.filename, getattr(err, "filename2", None)) if n is not None]
         if names and not any(_concerns(n, Path(path)) for n in names):
             raise

@@ -202,5 +202,5 @@ def test_demo_with_a_missing_teacher_is_one_line_naming_it(tmp_path, capsys):
     args = ["demo", "--teacher", str(tmp_path / "nope"), "--out", str(out), "--steps", "1"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and f"teacher {tmp_path / 'nope'} is not a teacher folder" in err
+    assert err.count("\n") == 0 and f"teacher folder {tmp_path / 'nope'} not found" in err
     assert not out.exists()
