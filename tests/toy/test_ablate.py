@@ -96,3 +96,25 @@ def test_lr_grid_picks_the_best_rate_on_the_first_seed_then_runs_the_rest(tmp_pa
     assert [r["lr_student"] for r in rest] == [best["lr_student"]]
     (row,) = report["rows"]
     assert row["seeds"] == 2 and row["lr_student"] == best["lr_student"]
+
+
+def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatch, capsys):
+    """An interrupted or extended ablation resumes: a run already finished with the same
+    settings is read back, not trained again; one whose settings changed runs again."""
+    import wadi.toy.ablate as ablate
+
+    base = dict(out_dir=str(tmp_path / "abl"), adapters=("lorad",), steps=1, eval_every=1)
+    first = run_ablation(AblationConfig(seeds=(0,), samples=20, **base))
+    trained = []
+    real = ablate.run_one
+    monkeypatch.setattr(
+        ablate, "run_one", lambda case, cfg, p: trained.append(case["seed"]) or real(case, cfg, p)
+    )
+    extended = run_ablation(AblationConfig(seeds=(0, 1), samples=20, **base))
+    assert trained == [1]  # seed 0 came from its result.json
+    assert extended["runs"][0]["curve"] == first["runs"][0]["curve"]
+    assert "finished before: reused" in capsys.readouterr().out
+    assert extended["rows"][0]["seeds"] == 2
+    trained.clear()
+    run_ablation(AblationConfig(seeds=(0,), samples=30, **base))  # other settings: rerun
+    assert trained == [0]

@@ -10,7 +10,9 @@ learning rate, keeps the rate with the lowest final FD, and runs the other seeds
 EMA (what the demo exports), so FD-vs-step curves come out too.  Runs can go in parallel
 processes (``jobs``), each with its own thread count; each reports its peak resident memory
 above what it held once the model was loaded.  Writes ``ablation.json`` and
-``fd_vs_step.png``.
+``fd_vs_step.png``; each finished run also leaves ``result.json`` in its own folder, and a
+rerun with the same folder reuses every run whose settings match, so a protocol longer than
+one sitting completes in several.
 """
 
 from __future__ import annotations
@@ -166,14 +168,10 @@ def _memory_kib(field: str) -> int | None:
     return None
 
 
-def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
-    """One distillation run with FD curves; ``fd``/``accuracy`` are the exported weights'."""
-    from wadi.distill import train
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def _run_demo(case: dict, cfg: AblationConfig) -> DemoConfig:
+    """The demo configuration of one run; its ``out_dir`` is the run's folder."""
     lr = case.get("lr_student", _lr(cfg, case["adapter"]))
-    demo = dataclasses.replace(
+    return dataclasses.replace(
         cfg.demo,
         out_dir=str(
             Path(cfg.out_dir) / f"{case['adapter']}-r{case['rank']}-lr{lr:g}-s{case['seed']}"
@@ -185,6 +183,45 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
         lr_student=lr,
         progress=False,
     )
+
+
+def run_settings(case: dict, cfg: AblationConfig) -> dict:
+    """Everything a run's numbers depend on (not where it is written, nor its thread
+    count): a finished run is reused only when these match."""
+    demo = dataclasses.asdict(_run_demo(case, cfg))
+    for key in ("out_dir", "progress"):
+        demo.pop(key)
+    return {"demo": demo, "eval_every": cfg.eval_every, "samples": cfg.samples}
+
+
+RESULT_FILE = "result.json"
+
+
+def finished_run(case: dict, cfg: AblationConfig) -> dict | None:
+    """The stored result of ``case`` in this ablation's folder when it was run with the
+    same settings, else None, so an interrupted or extended ablation resumes."""
+    import json
+
+    path = Path(_run_demo(case, cfg).out_dir) / RESULT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("settings") != json.loads(json.dumps(run_settings(case, cfg))):
+        return None
+    stored.pop("chosen", None)
+    return stored
+
+
+def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
+    """One distillation run with FD curves; ``fd``/``accuracy`` are the exported weights'.
+    The result is also written to the run's folder (``result.json``) for resuming."""
+    from wadi.distill import train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    demo = _run_demo(case, cfg)
+    lr = demo.lr_student
     dcfg = distill_config(demo, prompts).replace(export_pipeline=False, checkpoint_every=cfg.steps)
     curve = []
     rss_loaded = []
@@ -207,7 +244,7 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
     trainable = sum(v.numel() for v in result.student_state.values())
     peak = _memory_kib("VmHWM")
     exported = "_ema" if "fd_ema" in curve[-1] else ""
-    return {
+    result = {
         **case,
         "lr_student": lr,
         "curve": curve,
@@ -222,7 +259,10 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
             max(0.0, (peak - rss_loaded[0]) / 1024) if peak is not None and rss_loaded[0] else None
         ),
         "wall_seconds": time.perf_counter() - start,
+        "settings": run_settings(case, cfg),
     }
+    write_json(Path(demo.out_dir) / RESULT_FILE, result)
+    return result
 
 
 def _run_in_child(args) -> dict:
@@ -356,27 +396,35 @@ def _run_all(todo: list[dict], cfg, prompts, results: list[dict], total=None) ->
     total = total or len(todo)
     mine: list[dict] = []
 
-    def done(result: dict) -> None:
+    def done(result: dict, reused: bool = False) -> None:
         mine.append(result)
         results.append(result)
         print(
             f"wadi ablate: {result['adapter']} r{result['rank']} lr {result['lr_student']:g} "
             f"seed {result['seed']}: FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
-            f"({len(results)}/{total})",
+            f"({len(results)}/{total}{', finished before: reused' if reused else ''})",
             flush=True,
         )
 
-    if cfg.jobs > 1 and len(todo) > 1:
+    pending = []
+    for case in todo:
+        stored = finished_run(case, cfg)
+        if stored is None:
+            pending.append(case)
+        else:
+            done(stored, reused=True)
+    if cfg.jobs > 1 and len(pending) > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(cfg.jobs, maxtasksperchild=1) as pool:
-            for result in pool.imap_unordered(_run_in_child, [(c, cfg, prompts) for c in todo]):
+            for result in pool.imap_unordered(_run_in_child, [(c, cfg, prompts) for c in pending]):
                 done(result)
+    else:
+        for case in pending:
+            done(run_one(case, cfg, prompts))
+    if len(todo) > 1:
         key = lambda r: (r["adapter"], r["rank"], r["lr_student"], r["seed"])  # noqa: E731
         order = {key(c): i for i, c in enumerate(todo)}
         mine.sort(key=lambda r: order[key(r)])
         results[len(results) - len(mine) :] = mine
-    else:
-        for case in todo:
-            done(run_one(case, cfg, prompts))
     return mine
