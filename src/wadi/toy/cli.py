@@ -39,7 +39,12 @@ def register(subparsers) -> None:
         "ablate",
         help="adapter ablation in miniature: lorad, lora, dora, full (and LoRaD ranks), several seeds",
     )
-    a.add_argument("--out", default="ablation-output", metavar="DIR", help="output folder")
+    a.add_argument(
+        "--out",
+        default="ablation-output",
+        metavar="DIR",
+        help="output folder; a rerun into it reuses each finished run whose settings match",
+    )
     a.add_argument("--adapters", default="lorad,lora,dora,full", help="comma list")
     a.add_argument("--ranks", default="", help="extra LoRaD ranks for a rank sweep, comma list")
     a.add_argument(
