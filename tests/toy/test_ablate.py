@@ -118,3 +118,32 @@ def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatc
     trained.clear()
     run_ablation(AblationConfig(seeds=(0,), samples=30, **base))  # other settings: rerun
     assert trained == [0]
+
+
+def test_report_only_summarises_what_finished_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import wadi.toy.ablate as ablate
+
+    base = dict(out_dir=str(tmp_path / "abl"), adapters=("lorad",), steps=1, eval_every=1)
+    base.update(samples=20, lr_grid=(1e-4, 3e-2))
+    with pytest.raises(ValueError, match="no ablation folder"):
+        run_ablation(AblationConfig(seeds=(0,), report_only=True, **base))
+    assert not (tmp_path / "abl").exists()
+    run_ablation(AblationConfig(seeds=(0,), **base))  # the grid on seed 0
+    monkeypatch.setattr(ablate, "run_one", lambda *a: pytest.fail("report_only trained"))
+    report = run_ablation(AblationConfig(seeds=(0, 1), report_only=True, **base))
+    assert len(report["runs"]) == 2 and [r["seed"] for r in report["not_run"]] == [1]
+    assert "seed 1: not run yet" in capsys.readouterr().out
+    (row,) = report["rows"]
+    assert row["seeds"] == 1
+    other = dict(base, steps=2)  # other settings: nothing of them has finished
+    with pytest.raises(ValueError, match="no run with these settings"):
+        run_ablation(AblationConfig(seeds=(0,), report_only=True, **other))
+
+
+def test_cli_report_only_without_a_folder_is_one_line(tmp_path, capsys):
+    from wadi.cli import main
+
+    assert main(["ablate", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run without --report-only first" in err
+    assert "Traceback" not in err and not (tmp_path / "none").exists()

@@ -12,7 +12,7 @@ processes (``jobs``), each with its own thread count; each reports its peak resi
 above what it held once the model was loaded.  Writes ``ablation.json`` and
 ``fd_vs_step.png``; each finished run also leaves ``result.json`` in its own folder, and a
 rerun with the same folder reuses every run whose settings match, so a protocol longer than
-one sitting completes in several.
+one sitting completes in several (``report_only`` summarises what has finished so far).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class AblationConfig:
     samples: int = 300
     lr_overrides: dict[str, float] = dataclasses.field(default_factory=dict)  # adapter -> lr
     jobs: int = 1  # runs in parallel processes
+    report_only: bool = False  # summarise the runs finished in out_dir, train nothing
     threads: int | None = None  # torch threads per run
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
@@ -360,15 +361,18 @@ def format_rows(rows: list[dict]) -> str:
 def run_ablation(cfg: AblationConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out_dir)
+    if cfg.report_only and not out.is_dir():
+        raise ValueError(f"no ablation folder {out} to report on; run without --report-only first")
     out.mkdir(parents=True, exist_ok=True)
     prompts = write_prompts(out / "prompts.txt")
     results: list[dict] = []
+    missing: list[dict] = []  # with report_only: the runs not finished yet
 
     if cfg.lr_grid:  # phase 1: every case at every grid rate on the first seed
         first = [
             {**c, "seed": cfg.seeds[0], "lr_student": lr} for c in cases(cfg) for lr in cfg.lr_grid
         ]
-        grid = _run_all(first, cfg, prompts, results)
+        grid = _run_all(first, cfg, prompts, results, missing=missing)
         chosen = {}
         for r in grid:
             key = (r["adapter"], r["rank"])
@@ -379,20 +383,31 @@ def run_ablation(cfg: AblationConfig) -> dict:
         rest = [
             {**c, "seed": s, "lr_student": chosen[(c["adapter"], c["rank"])]["lr_student"]}
             for c in cases(cfg)
+            if (c["adapter"], c["rank"]) in chosen  # a report can lack a case's whole grid
             for s in cfg.seeds[1:]
         ]
-        _run_all(rest, cfg, prompts, results, total=len(first) + len(rest))
+        _run_all(rest, cfg, prompts, results, total=len(first) + len(rest), missing=missing)
     else:
-        _run_all(runs(cfg), cfg, prompts, results)
+        _run_all(runs(cfg), cfg, prompts, results, missing=missing)
+    if not results:
+        raise ValueError(
+            f"no run with these settings has finished in {out}; run without --report-only first"
+        )
     rows = summarize(results)
     report = {"rows": rows, "runs": results, "config": dataclasses.asdict(cfg)}
+    if cfg.report_only:
+        report["not_run"] = missing
     write_json(out / "ablation.json", report)
     plot_curves([r for r in results if r.get("chosen", True)], out / "fd_vs_step.png")
     return report
 
 
-def _run_all(todo: list[dict], cfg, prompts, results: list[dict], total=None) -> list[dict]:
-    """Run ``todo`` (serially or in ``cfg.jobs`` processes); append to ``results`` in order."""
+def _run_all(
+    todo: list[dict], cfg, prompts, results: list[dict], total=None, missing=None
+) -> list[dict]:
+    """Run ``todo`` (serially or in ``cfg.jobs`` processes); append to ``results`` in order.
+    Runs finished before are read back; with ``cfg.report_only`` the others go to
+    ``missing`` instead of running."""
     total = total or len(todo)
     mine: list[dict] = []
 
@@ -413,6 +428,16 @@ def _run_all(todo: list[dict], cfg, prompts, results: list[dict], total=None) ->
             pending.append(case)
         else:
             done(stored, reused=True)
+    if cfg.report_only:
+        for case in pending:
+            print(
+                f"wadi ablate: {case['adapter']} r{case['rank']} lr {case['lr_student']:g} "
+                f"seed {case['seed']}: not run yet, left out of the report",
+                flush=True,
+            )
+        if missing is not None:
+            missing.extend(pending)
+        pending = []
     if cfg.jobs > 1 and len(pending) > 1:
         import multiprocessing
 

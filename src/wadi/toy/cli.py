@@ -77,6 +77,11 @@ def register(subparsers) -> None:
         metavar="ADAPTER=LR,...",
         help="student learning rate per adapter, e.g. full=1e-4 (default: the demo's for all)",
     )
+    a.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: summarise the runs of this command already finished in --out",
+    )
     a.set_defaults(func=_ablate)
 
     toy = subparsers.add_parser(
@@ -226,6 +231,7 @@ def _ablate(args) -> int:
         lr_overrides=lr_overrides,
         jobs=args.jobs,
         threads=args.threads,
+        report_only=args.report_only,
     )
     report = run_ablation(cfg)
     print(format_rows(report["rows"]))
