@@ -186,13 +186,13 @@ def _run_demo(case: dict, cfg: AblationConfig) -> DemoConfig:
     )
 
 
-def run_settings(case: dict, cfg: AblationConfig) -> dict:
-    """Everything a run's numbers depend on (not where it is written, nor its thread
-    count): a finished run is reused only when these match."""
-    demo = dataclasses.asdict(_run_demo(case, cfg))
+def run_settings(demo: DemoConfig, cfg: AblationConfig) -> dict:
+    """Everything the numbers of the run ``demo`` depend on (not where it is written, nor
+    its thread count): a finished run is reused only when these match."""
+    settings = dataclasses.asdict(demo)
     for key in ("out_dir", "progress"):
-        demo.pop(key)
-    return {"demo": demo, "eval_every": cfg.eval_every, "samples": cfg.samples}
+        settings.pop(key)
+    return {"demo": settings, "eval_every": cfg.eval_every, "samples": cfg.samples}
 
 
 RESULT_FILE = "result.json"
@@ -203,15 +203,13 @@ def finished_run(case: dict, cfg: AblationConfig) -> dict | None:
     same settings, else None, so an interrupted or extended ablation resumes."""
     import json
 
-    path = Path(_run_demo(case, cfg).out_dir) / RESULT_FILE
+    demo = _run_demo(case, cfg)
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads((Path(demo.out_dir) / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("settings") != json.loads(json.dumps(run_settings(case, cfg))):
-        return None
-    stored.pop("chosen", None)
-    return stored
+    wanted = json.loads(json.dumps(run_settings(demo, cfg)))  # as stored: tuples are lists
+    return stored if stored.get("settings") == wanted else None
 
 
 def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
@@ -260,7 +258,7 @@ def run_one(case: dict, cfg: AblationConfig, prompts: Path) -> dict:
             max(0.0, (peak - rss_loaded[0]) / 1024) if peak is not None and rss_loaded[0] else None
         ),
         "wall_seconds": time.perf_counter() - start,
-        "settings": run_settings(case, cfg),
+        "settings": run_settings(demo, cfg),
     }
     write_json(Path(demo.out_dir) / RESULT_FILE, result)
     return result
@@ -372,7 +370,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
         first = [
             {**c, "seed": cfg.seeds[0], "lr_student": lr} for c in cases(cfg) for lr in cfg.lr_grid
         ]
-        grid = _run_all(first, cfg, prompts, results, missing=missing)
+        grid = _run_all(first, cfg, prompts, results, missing)
         chosen = {}
         for r in grid:
             key = (r["adapter"], r["rank"])
@@ -386,10 +384,10 @@ def run_ablation(cfg: AblationConfig) -> dict:
             if (c["adapter"], c["rank"]) in chosen  # a report can lack a case's whole grid
             for s in cfg.seeds[1:]
         ]
-        _run_all(rest, cfg, prompts, results, total=len(first) + len(rest), missing=missing)
+        _run_all(rest, cfg, prompts, results, missing, total=len(first) + len(rest))
     else:
-        _run_all(runs(cfg), cfg, prompts, results, missing=missing)
-    if not results:
+        _run_all(runs(cfg), cfg, prompts, results, missing)
+    if cfg.report_only and not results:
         raise ValueError(
             f"no run with these settings has finished in {out}; run without --report-only first"
         )
@@ -402,8 +400,15 @@ def run_ablation(cfg: AblationConfig) -> dict:
     return report
 
 
+def _label(case: dict) -> str:
+    return (
+        f"wadi ablate: {case['adapter']} r{case['rank']} lr {case['lr_student']:g} "
+        f"seed {case['seed']}"
+    )
+
+
 def _run_all(
-    todo: list[dict], cfg, prompts, results: list[dict], total=None, missing=None
+    todo: list[dict], cfg, prompts, results: list[dict], missing: list[dict], total=None
 ) -> list[dict]:
     """Run ``todo`` (serially or in ``cfg.jobs`` processes); append to ``results`` in order.
     Runs finished before are read back; with ``cfg.report_only`` the others go to
@@ -415,8 +420,7 @@ def _run_all(
         mine.append(result)
         results.append(result)
         print(
-            f"wadi ablate: {result['adapter']} r{result['rank']} lr {result['lr_student']:g} "
-            f"seed {result['seed']}: FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
+            f"{_label(result)}: FD {result['fd']:.1f} accuracy {result['accuracy']:.3f} "
             f"({len(results)}/{total}{', finished before: reused' if reused else ''})",
             flush=True,
         )
@@ -430,13 +434,8 @@ def _run_all(
             done(stored, reused=True)
     if cfg.report_only:
         for case in pending:
-            print(
-                f"wadi ablate: {case['adapter']} r{case['rank']} lr {case['lr_student']:g} "
-                f"seed {case['seed']}: not run yet, left out of the report",
-                flush=True,
-            )
-        if missing is not None:
-            missing.extend(pending)
+            print(f"{_label(case)}: not run yet, left out of the report", flush=True)
+        missing.extend(pending)
         pending = []
     if cfg.jobs > 1 and len(pending) > 1:
         import multiprocessing
