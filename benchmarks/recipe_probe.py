@@ -3,11 +3,16 @@
     python benchmarks/recipe_probe.py fu3 --distill '{"fake_updates": 3}'
     python benchmarks/recipe_probe.py conv --demo '{"include_conv": true, "fake_rank": 16}'
     python benchmarks/recipe_probe.py gan --gan 0.05          # DMD2's GAN term on real digits
+    python benchmarks/recipe_probe.py ema --ema-decays 0.95,0.98,0.995,0.998
 
 ``--demo`` changes :class:`wadi.toy.demo.DemoConfig` fields, ``--distill`` fields of the
 :class:`wadi.distill.DistillConfig` it builds.  Prints one line per measurement (300 one-step
 samples, own noise, the training RNG untouched) and writes them to ``OUT/NAME/log.txt``.
 The probes in docs/ablation.md ran two at a time with ``--threads 1``.
+
+``--ema-decays`` keeps further EMAs of the student beside the run's own (``ema_decay``) and
+measures each at every point: the EMA never feeds back into training, so one run gives
+what one run per decay would (same seed, same student).
 """
 
 from __future__ import annotations
@@ -47,10 +52,17 @@ def main() -> None:
     parser.add_argument(
         "--gan", type=float, default=0.0, help="GAN weight; the real images are training digits"
     )
+    parser.add_argument(
+        "--ema-decays", default="", help="further EMA decays to measure (comma list)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    decays = [float(d) for d in args.ema_decays.split(",") if d]
+    if any(not 0.0 < d < 1.0 for d in decays):
+        parser.error(f"--ema-decays must lie in (0, 1), got {args.ema_decays}")
 
     from wadi.distill import train
+    from wadi.distill.hooks import EMA
     from wadi.toy.ablate import student_metrics
     from wadi.toy.demo import DemoConfig, distill_config, write_prompts
 
@@ -68,19 +80,33 @@ def main() -> None:
     log = (out / "log.txt").open("w")
 
     start = time.perf_counter()
+    extra: dict[float, EMA] = {}
 
     def measure(step, context):
+        # called every step when extra EMAs are kept (they update here, after the run's own)
+        if decays:
+            if step == 0:
+                extra.update({d: EMA(context["roles"].student_named_state(), d) for d in decays})
+            else:
+                for ema in extra.values():
+                    ema.update(context["roles"].student_named_state())
+            if step % args.every:
+                return
         raw = student_metrics(context, args.samples)
         elapsed = time.perf_counter() - start
         line = f"{args.name} step {step} ({elapsed:.0f} s) raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
         if context["ema"] is not None and step > 0:
             ema = student_metrics(context, args.samples, use_ema=True)
             line += f" | ema FD {ema['fd']:.1f} acc {ema['accuracy']:.3f}"
+            for d, tracked in extra.items():
+                m = student_metrics({**context, "ema": tracked.tensors}, args.samples, True)
+                line += f" | ema {d:g} FD {m['fd']:.1f} acc {m['accuracy']:.3f}"
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
 
-    result = train(config, overwrite=True, callback=measure, callback_every=args.every)
+    every = 1 if decays else args.every
+    result = train(config, overwrite=True, callback=measure, callback_every=every)
     print(f"{args.name}: {result.seconds_per_step:.2f} s/step, {time.perf_counter() - start:.0f} s")
 
 
