@@ -16,36 +16,42 @@ import time
 
 import torch
 
+from wadi.argtypes import comma_list
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of the random draws (comma list)")
-    parser.add_argument("--stds", default="0.1,0.3,0.6", help="noise standard deviations")
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        type=comma_list(int),
+        help="seeds of the random draws (comma list)",
+    )
+    parser.add_argument(
+        "--stds", default="0.1,0.3,0.6", type=comma_list(float), help="noise standard deviations"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from wadi.toy.data import load_digits_split
-    from wadi.toy.evaluate import evaluate_images
+    from wadi.toy.evaluate import evaluate_images, real_digits_floor
 
     start = time.perf_counter()
     train_x, train_y, _, _ = load_digits_split()
-    seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{len(train_x)} training digits; FD against the held-out ones")
     print(f"{'training digits':<34} {'N':>4} {'FD':>7} {'accuracy':>9}")
     for n in (300, 500):
         m = evaluate_images(train_x[:n], train_y[:n])
         print(f"{'first N':<34} {n:>4} {m['fd']:>7.2f} {m['accuracy']:>9.3f}")
-        for seed in seeds:
-            # the same draw as wadi demo's floor line (demo.py) at that seed
-            pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:n]
-            m = evaluate_images(train_x[pick], train_y[pick])
+        for seed in args.seeds:
+            m = real_digits_floor(n, seed)  # wadi demo's floor line at that seed
             label = f"random N, seed {seed}"
             print(f"{label:<34} {n:>4} {m['fd']:>7.2f} {m['accuracy']:>9.3f}")
     print()
     print(f"{'first 500 + Gaussian noise (seed 0)':<34} {'std':>4} {'FD':>7} {'accuracy':>9}")
     x = train_x[:500]
-    for std in (float(s) for s in args.stds.split(",")):
+    for std in args.stds:
         gen = torch.Generator().manual_seed(0)
         noisy = (x + std * torch.randn(x.shape, generator=gen)).clamp(-1.0, 1.0)
         m = evaluate_images(noisy, train_y[:500])

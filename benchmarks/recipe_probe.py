@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from wadi.argtypes import comma_list, unit_interval
+
 
 def write_real_digits(folder: Path) -> Path:
     """The training split's digits as 16x16 greyscale PNGs (the GAN term's real images)."""
@@ -53,13 +55,14 @@ def main() -> None:
         "--gan", type=float, default=0.0, help="GAN weight; the real images are training digits"
     )
     parser.add_argument(
-        "--ema-decays", default="", help="further EMA decays to measure (comma list)"
+        "--ema-decays",
+        default="",
+        type=comma_list(unit_interval),
+        help="further EMA decays to measure (comma list)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    decays = [float(d) for d in args.ema_decays.split(",") if d]
-    if any(not 0.0 < d < 1.0 for d in decays):
-        parser.error(f"--ema-decays must lie in (0, 1), got {args.ema_decays}")
+    decays = args.ema_decays
 
     from wadi.distill import train
     from wadi.distill.hooks import EMA
@@ -95,12 +98,11 @@ def main() -> None:
         raw = student_metrics(context, args.samples)
         elapsed = time.perf_counter() - start
         line = f"{args.name} step {step} ({elapsed:.0f} s) raw FD {raw['fd']:.1f} acc {raw['accuracy']:.3f}"
-        if context["ema"] is not None and step > 0:
-            ema = student_metrics(context, args.samples, use_ema=True)
-            line += f" | ema FD {ema['fd']:.1f} acc {ema['accuracy']:.3f}"
-            for d, tracked in extra.items():
-                m = student_metrics({**context, "ema": tracked.tensors}, args.samples, True)
-                line += f" | ema {d:g} FD {m['fd']:.1f} acc {m['accuracy']:.3f}"
+        emas = {"ema": context["ema"], **{f"ema {d:g}": e.tensors for d, e in extra.items()}}
+        for label, tensors in emas.items():
+            if tensors is not None and step > 0:
+                m = student_metrics({**context, "ema": tensors}, args.samples, use_ema=True)
+                line += f" | {label} FD {m['fd']:.1f} acc {m['accuracy']:.3f}"
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from wadi.argtypes import comma_list, positive_int
+
 
 def time_calls(fn, repeats: int, clock=time.perf_counter) -> float:
     for _ in range(2):
@@ -36,11 +38,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--batches", default="16", help="batch sizes (comma list)")
+    parser.add_argument(
+        "--batches", default="16", type=comma_list(positive_int), help="batch sizes (comma list)"
+    )
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     from diffusers import UNet2DConditionModel
@@ -50,6 +54,7 @@ def main() -> None:
     rows = {}
     for name, folder in (("shipped", TEACHER_DIR), ("attention", ATTN_TEACHER_DIR)):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        n = sum(p.numel() for p in unet.parameters())
         for b in batches:
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(b, 1, 16, 16, generator=gen)
@@ -62,7 +67,7 @@ def main() -> None:
                 args.repeats,
                 clock,
             )
-            rows[name, b] = (sum(p.numel() for p in unet.parameters()), fwd, both)
+            rows[name, b] = (n, fwd, both)
     print(f"{'teacher':<11}{'batch':>6}{'parameters':>12}{'forward ms':>12}{'fwd+bwd ms':>12}")
     for (name, b), (n, fwd, both) in rows.items():
         print(f"{name:<11}{b:>6}{n:>12,}{fwd:>12.1f}{both:>12.1f}")

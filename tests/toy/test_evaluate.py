@@ -9,6 +9,7 @@ from wadi.toy.evaluate import (
     evaluate_images,
     evaluator_features,
     grid_image,
+    real_digits_floor,
     save_grid,
 )
 from wadi.toy.evaluator import accuracy, load_evaluator
@@ -67,3 +68,14 @@ def test_save_grid_writes_a_png_row_per_generator(tmp_path):
     first = ((by_digit[0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(pixels[2:66, 122:186], np.kron(first, np.ones((4, 4), np.uint8)))
     assert list(tmp_path.joinpath("out").iterdir()) == [path]
+
+
+def test_real_digits_floor_is_a_seeded_draw_capped_at_the_training_set():
+    a, b = real_digits_floor(40, seed=3), real_digits_floor(40, seed=3)
+    assert a == b and a["samples"] == 40
+    assert real_digits_floor(40, seed=4)["fd"] != a["fd"]  # another draw
+    train_x, train_y, _, _ = load_digits_split()
+    everything = real_digits_floor(10**6)
+    assert everything["samples"] == len(train_x)
+    # all of them in any order: the same FD as the whole split in order
+    assert everything["fd"] == pytest.approx(evaluate_images(train_x, train_y)["fd"], rel=1e-6)

@@ -25,7 +25,14 @@ from wadi.files import atomic_directory, output_errors, write_json, write_text
 
 from . import TEACHER_DIR
 from .data import load_digits_split
-from .evaluate import balanced_digits, evaluate_images, noise, sample_teacher, save_grid
+from .evaluate import (
+    balanced_digits,
+    evaluate_images,
+    noise,
+    real_digits_floor,
+    sample_teacher,
+    save_grid,
+)
 from .prompts import prompt_for, training_prompts
 
 GENERATORS = ("teacher_multistep", "teacher_onestep", "student_onestep")
@@ -255,11 +262,9 @@ def _run_in(cfg: DemoConfig, tmp: Path, out: Path) -> dict:
     student = load_backbone(result.final_dir / "pipeline")
     metrics, images = evaluate_generators(teacher, student, alpha_bar_T, cfg)
 
-    train_x, train_y, test_x, test_y = load_digits_split()
+    _, _, test_x, test_y = load_digits_split()
     # the floor: real training digits against the held-out ones, same number of samples
-    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
-    pick = pick[: min(cfg.samples, len(train_x))]
-    reference = {**evaluate_images(train_x[pick], train_y[pick]), "samples": len(pick)}
+    reference = real_digits_floor(cfg.samples, cfg.seed)
     real = torch.stack([test_x[test_y == d][0] for d in range(10)])
     save_grid({"real (held-out)": real, **{k: v[:10] for k, v in images.items()}}, tmp / "grid.png")
     _retarget_configs(tmp / "run", tmp, out)

@@ -82,6 +82,15 @@ def evaluate_images(images: torch.Tensor, digits, evaluator=None, reference=None
     return {"fd": frechet_distance(feats, ref), "accuracy": accuracy}
 
 
+def real_digits_floor(samples: int, seed: int = 0) -> dict:
+    """{"fd", "accuracy", "samples"} of ``samples`` training digits drawn at random (seeded)
+    against the held-out ones: the FD a perfect generator would score at that sample size."""
+    train_x, train_y, _, _ = load_digits_split()
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    pick = pick[: min(samples, len(train_x))]
+    return {**evaluate_images(train_x[pick], train_y[pick]), "samples": len(pick)}
+
+
 def noise(n: int, seed: int = 0) -> torch.Tensor:
     """(n, 1, 16, 16) standard normal starting noise from a seeded CPU generator."""
     gen = torch.Generator().manual_seed(int(seed))
